@@ -1,0 +1,182 @@
+"""One `flax.nnx` decoder for Llama, Mistral, Qwen2 and Qwen3.
+
+The families differ only by flags on `ModelConfig` (qkv bias, q/k norm, rope scaling,
+tied embeddings). The KV cache is an explicit pytree rather than NNX state so that the
+decode loop can carry and donate it: one preallocated `[batch, max_len, kv_heads,
+head_dim]` pair per layer, written at each sequence's own position.
+
+Padding convention: prompts are right-padded. A query at position p attends keys at
+positions <= p only, so a padded slot is never read before the sequence writes its own
+token there, and rotary positions stay 0..len-1 for every sequence.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ngsd_jax.config import ModelConfig, rope_inverse_frequencies
+
+# One (keys, values) pair per layer, each [batch, max_len, kv_heads, head_dim].
+KVCache = tuple[tuple[jax.Array, jax.Array], ...]
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+    config.check_sequence_length(max_len)
+    shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers))
+
+
+def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
+    return (std * jax.random.normal(rngs.params(), shape)).astype(dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), dtype), logical_axes=("norm",))
+
+    def __call__(self, x):
+        # Normalise in fp32 and cast back before the scale, as HF does, so bf16 matches too.
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...] * x32.astype(x.dtype)
+
+
+class Linear(nnx.Module):
+    def __init__(self, din: int, dout: int, axes: tuple[str, str], dtype, rngs: nnx.Rngs, bias: bool = False):
+        self.kernel = nnx.Param(_normal(rngs, (din, dout), dtype), logical_axes=axes)
+        self.bias = nnx.Param(jnp.zeros((dout,), dtype), logical_axes=(axes[1],)) if bias else None
+
+    def __call__(self, x):
+        y = x @ self.kernel[...]
+        return y if self.bias is None else y + self.bias[...]
+
+
+def apply_rope(x, positions, inv_freq):
+    """Rotary embedding in HF's half-split layout. x: [B, T, H, hd]; positions: [B, T]."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def _write_cache(cache, new, starts):
+    """Writes new [B, T, H, hd] into cache [B, S, H, hd] at each row's own start."""
+    return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (s, 0, 0)))(
+        cache, new, starts
+    )
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
+        d, hd = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, hd
+        bias = config.qkv_bias
+        self.q_proj = Linear(d, config.num_heads * hd, ("embed", "heads"), dtype, rngs, bias)
+        self.k_proj = Linear(d, config.num_kv_heads * hd, ("embed", "kv_heads"), dtype, rngs, bias)
+        self.v_proj = Linear(d, config.num_kv_heads * hd, ("embed", "kv_heads"), dtype, rngs, bias)
+        self.o_proj = Linear(config.num_heads * hd, d, ("heads", "embed"), dtype, rngs)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(hd, config.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(hd, config.rms_norm_eps, dtype)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def __call__(self, x, positions, inv_freq, layer_cache):
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+
+        if layer_cache is None:
+            keys, values, key_positions = k, v, positions
+        else:
+            keys = _write_cache(layer_cache[0], k, positions[:, 0])
+            values = _write_cache(layer_cache[1], v, positions[:, 0])
+            layer_cache = (keys, values)
+            key_positions = jnp.broadcast_to(jnp.arange(keys.shape[1]), (b, keys.shape[1]))
+
+        groups = self.num_heads // self.num_kv_heads
+        q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
+        scores = jnp.einsum(
+            "btkgh,bskh->bkgts", q, keys.astype(q.dtype), preferred_element_type=jnp.float32
+        ) / np.sqrt(self.head_dim).astype(np.float32)
+        visible = key_positions[:, None, None, None, :] <= positions[:, None, None, :, None]
+        scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+        out = jnp.einsum("bkgts,bskh->btkgh", weights, values.astype(x.dtype))
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), layer_cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
+        d, f = config.hidden_size, config.intermediate_size
+        self.gate_proj = Linear(d, f, ("embed", "mlp"), dtype, rngs)
+        self.up_proj = Linear(d, f, ("embed", "mlp"), dtype, rngs)
+        self.down_proj = Linear(f, d, ("mlp", "embed"), dtype, rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.attn = Attention(config, dtype, rngs)
+        self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.mlp = MLP(config, dtype, rngs)
+
+    def __call__(self, x, positions, inv_freq, layer_cache):
+        attended, layer_cache = self.attn(self.input_norm(x), positions, inv_freq, layer_cache)
+        x = x + attended
+        return x + self.mlp(self.post_attn_norm(x)), layer_cache
+
+
+class Decoder(nnx.Module):
+    """A causal LM. `__call__` returns hidden states; `logits` projects chosen ones to fp32 logits."""
+
+    def __init__(self, config: ModelConfig, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        rngs = rngs or nnx.Rngs(0)
+        self.config = config
+        self.embedding = nnx.Param(
+            _normal(rngs, (config.vocab_size, config.hidden_size), dtype), logical_axes=("vocab", "embed")
+        )
+        self.layers = nnx.List([DecoderLayer(config, dtype, rngs) for _ in range(config.num_layers)])
+        self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else Linear(config.hidden_size, config.vocab_size, ("embed", "vocab"), dtype, rngs)
+        )
+
+    def __call__(self, tokens, positions, cache: KVCache | None = None):
+        """tokens, positions: [B, T] int32. With a cache, the T tokens are written into it at
+        positions[:, 0] onwards; without one, they attend only to each other (training)."""
+        x = jnp.take(self.embedding[...], tokens, axis=0)
+        inv_freq = jnp.asarray(rope_inverse_frequencies(self.config))
+        new_cache = []
+        for i, layer in enumerate(self.layers):
+            x, layer_cache = layer(x, positions, inv_freq, None if cache is None else cache[i])
+            new_cache.append(layer_cache)
+        return self.final_norm(x), (None if cache is None else tuple(new_cache))
+
+    def logits(self, hidden):
+        head = self.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
+        return jnp.matmul(hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+
+    @property
+    def dtype(self):
+        return self.embedding[...].dtype
+
+
+def abstract_decoder(config: ModelConfig, dtype=jnp.float32) -> Decoder:
+    """The module's structure and shapes without allocating weights (for loading into)."""
+    return nnx.eval_shape(lambda: Decoder(config, dtype, nnx.Rngs(0)))
