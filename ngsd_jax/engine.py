@@ -32,6 +32,7 @@ class DecodeSettings:
     mode: str = "ngsd"
     max_new_tokens: int = 128
     gate: ngsd.GateConfig = ngsd.GateConfig()
+    sampling: bool = False  # set by Engine.decode from the temperature; greedy skips the vocabulary sort
     sampling_top_k: int = 0
     safedecoding_first_m: int = 2
     safedecoding_alpha: float = 3.0
@@ -126,7 +127,9 @@ def _choose(settings: DecodeSettings, state: DecodeState, alpha, temperature, to
     d = ngsd.divergence(gate.divergence, p_b, p_e)
     if settings.mode == "ngsd":
         v, spike = ngsd.lif_step(state.v, d, gate)
-        scores = ngsd.ngsd_scores(p_b, p_e, spike, alpha, gate.top_k)
+        # Most steps fire nowhere in the batch; skip the two top-k passes then.
+        scores = jax.lax.cond(jnp.any(spike), lambda: ngsd.ngsd_scores(p_b, p_e, spike, alpha, gate.top_k),
+                              lambda: p_b)
         return scores, d, v, spike, jnp.where(spike, alpha, 0.0)
     if settings.mode == "always":
         scores = ngsd.union_top_k_merge(p_b, p_e, alpha, gate.top_k)
@@ -176,8 +179,11 @@ def _decode(base_graph, expert_graph, settings: DecodeSettings, vocab_size: int,
 
     def body(s: DecodeState) -> DecodeState:
         scores, d, v, spike, in_force = _choose(settings, s, alpha, temperature, top_p, vocab_size)
-        key = jax.random.fold_in(s.key, s.step)
-        token = ngsd.choose_token(scores, key, temperature, settings.sampling_top_k, top_p).astype(jnp.int32)
+        if settings.sampling:
+            key = jax.random.fold_in(s.key, s.step)
+            token = ngsd.choose_token(scores, key, temperature, settings.sampling_top_k, top_p)
+        else:
+            token = jnp.argmax(scores, axis=-1).astype(jnp.int32)
         token = jnp.where(s.done, pad_id, token)
         live = ~s.done
         record = lambda buf, x: buf.at[:, s.step].set(jnp.where(live, x, jnp.zeros_like(x)))  # noqa: E731
@@ -251,6 +257,7 @@ class Engine:
             raise ValueError("base and expert prompts must be the same batch")
         if settings.uses_base and self.base_graph is None or settings.uses_expert and self.expert_graph is None:
             raise ValueError(f"mode '{settings.mode}' needs a model this engine was not given")
+        settings = dataclasses.replace(settings, sampling=bool((np.asarray(temperature) > 0).any()))
         real = len(base_prompts)
         batch = bucket_batch(real)
         for name, config, prompts in (("base", self.base_config, base_prompts),

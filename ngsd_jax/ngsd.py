@@ -130,6 +130,20 @@ def safedecoding_scores(p_b, p_e, alpha, min_common: int = 5):
     return steered / jnp.sum(steered, axis=-1, keepdims=True)
 
 
+def nucleus_filter(logits, top_p):
+    """Sets to -inf every token outside the top-p nucleus of softmax(logits); top_p: [B, 1].
+
+    The nucleus holds the most probable tokens until the mass before them reaches top_p.
+    """
+    probabilities = jax.nn.softmax(logits, axis=-1)
+    descending = -jnp.sort(-probabilities, axis=-1)
+    mass_before = jnp.cumsum(descending, axis=-1) - descending
+    smallest_kept = jnp.min(jnp.where(mass_before < top_p, descending, jnp.inf), axis=-1, keepdims=True)
+    # top_p >= 1 must keep every token even where the float cumulative sum overshoots 1.
+    keep = (probabilities >= smallest_kept) | (top_p >= 1.0)
+    return jnp.where(keep, logits, -jnp.inf)
+
+
 def choose_token(scores, key, temperature, top_k: int = 0, top_p=1.0):
     """Next token per sequence: argmax where temperature == 0, else a tempered nucleus sample.
 
@@ -149,16 +163,7 @@ def choose_token(scores, key, temperature, top_k: int = 0, top_p=1.0):
     if top_k > 0:
         kth_largest = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
-
-    # Nucleus: keep the most probable tokens until the mass before them reaches top_p.
-    tempered = jax.nn.softmax(logits, axis=-1)
-    descending = -jnp.sort(-tempered, axis=-1)
-    mass_before = jnp.cumsum(descending, axis=-1) - descending
-    in_nucleus = mass_before < top_p
-    smallest_kept = jnp.min(jnp.where(in_nucleus, descending, jnp.inf), axis=-1, keepdims=True)
-    # top_p >= 1 must keep every token even where the float cumulative sum overshoots 1.
-    keep = (tempered >= smallest_kept) | (top_p >= 1.0)
-    logits = jnp.where(keep, logits, -jnp.inf)
+    logits = nucleus_filter(logits, top_p)
 
     sampled = jax.random.categorical(key, logits, axis=-1)
     greedy = jnp.argmax(scores, axis=-1)
