@@ -95,6 +95,16 @@ def bucket_batch(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def pack_prompts(prompts: list[list[int]], batch: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pads prompts into a [batch, bucket] array; rows past len(prompts) are dummies of length 1."""
+    array = np.full((batch, bucket_length(max(map(len, prompts)))), pad_id, np.int32)
+    lengths = np.ones((batch,), np.int32)
+    for i, p in enumerate(prompts):
+        array[i, : len(p)] = p
+        lengths[i] = len(p)
+    return array, lengths
+
+
 def _prefill(model: Decoder, prompt, lengths, cache):
     positions = jnp.broadcast_to(jnp.arange(prompt.shape[1], dtype=jnp.int32), prompt.shape)
     hidden, cache = model(prompt, positions, cache)
@@ -231,10 +241,11 @@ class Engine:
         self.expert_graph, self.expert_params = nnx.split(expert) if expert is not None else (None, None)
         self.base_config = None if base is None else base.config
         self.expert_config = None if expert is None else expert.config
-        self.stop_ids = np.asarray(sorted(set(int(t) for t in stop_ids)) or [-1], np.int32)
+        self.stop_ids = _stop_array(stop_ids)
         self.pad_id = int(pad_id)
         self.compilations = 0
         self._jitted = jax.jit(self._traced, static_argnums=(0, 1, 2, 3))
+        self._prefill_jitted = jax.jit(_next_token_probabilities, static_argnums=(0, 1))
 
     def _traced(self, base_graph, expert_graph, settings, vocab_size, params, inputs):
         self.compilations += 1  # runs only while tracing, so it counts compilations
@@ -249,9 +260,11 @@ class Engine:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int = 0,
+        stop_ids=None,
     ) -> DecodeResult:
         """Decodes a batch. `expert_prompts` (same user messages in the expert's own chat format)
-        default to the base prompts; `alpha` is a scalar or one value per prompt."""
+        default to the base prompts; `alpha` is a scalar or one value per prompt; `stop_ids`
+        replaces the engine's stop tokens for this call."""
         expert_prompts = base_prompts if expert_prompts is None else expert_prompts
         if len(expert_prompts) != len(base_prompts):
             raise ValueError("base and expert prompts must be the same batch")
@@ -267,17 +280,9 @@ class Engine:
             if config is not None:
                 config.check_sequence_length(bucket_length(max(map(len, prompts))) + settings.max_new_tokens)
 
-        def pack(prompts):
-            width = bucket_length(max(map(len, prompts)))
-            array = np.full((batch, width), self.pad_id, np.int32)
-            lengths = np.ones((batch,), np.int32)
-            for i, p in enumerate(prompts):
-                array[i, : len(p)] = p
-                lengths[i] = len(p)
-            return array, lengths
-
-        base_prompt, base_len = pack(base_prompts)
-        expert_prompt, expert_len = pack(expert_prompts)
+        base_prompt, base_len = pack_prompts(base_prompts, batch, self.pad_id)
+        expert_prompt, expert_len = pack_prompts(expert_prompts, batch, self.pad_id)
+        stops = self.stop_ids if stop_ids is None else _stop_array(stop_ids)
         per_row = lambda x: np.resize(np.broadcast_to(np.asarray(x, np.float32), (real,)), (batch,))  # noqa: E731
         inputs = {
             "base_prompt": base_prompt,
@@ -288,7 +293,7 @@ class Engine:
             "temperature": per_row(temperature),
             "top_p": per_row(top_p),
             "active": np.arange(batch) < real,
-            "stop_ids": self.stop_ids,
+            "stop_ids": stops,
             "pad_id": np.int32(self.pad_id),
             "key": jax.random.key(seed),
         }
@@ -298,7 +303,27 @@ class Engine:
                                self.expert_graph if settings.uses_expert else None,
                                settings, self.vocab_size, params, inputs)
         tokens, d, v, spike, alpha_in_force = (np.asarray(x)[:real] for x in jax.device_get(outputs))
-        return DecodeResult(tokens, _generated_lengths(tokens, self.stop_ids), d, v, spike, alpha_in_force)
+        return DecodeResult(tokens, _generated_lengths(tokens, stops), d, v, spike, alpha_in_force)
+
+    def next_token_distribution(self, prompts: list[list[int]], model: str = "base") -> np.ndarray:
+        """p(next token) after each prompt, from one prefill: [len(prompts), vocab_size] fp32."""
+        graph, params = (self.base_graph, self.base_params) if model == "base" else (
+            self.expert_graph, self.expert_params)
+        array, lengths = pack_prompts(prompts, bucket_batch(len(prompts)), self.pad_id)
+        probabilities = self._prefill_jitted(graph, self.vocab_size, params, array, lengths)
+        return np.asarray(jax.device_get(probabilities))[: len(prompts)]
+
+
+def _next_token_probabilities(graph, vocab_size, params, prompt, lengths):
+    model = nnx.merge(graph, params)
+    cache = init_cache(model.config, prompt.shape[0], prompt.shape[1], model.dtype)
+    logits, _ = _prefill(model, prompt, lengths, cache)
+    return _probabilities(logits, vocab_size)
+
+
+def _stop_array(stop_ids) -> np.ndarray:
+    # -1 never matches a token, and keeps the array non-empty when there are no stops.
+    return np.asarray(sorted(set(int(t) for t in stop_ids)) or [-1], np.int32)
 
 
 def _generated_lengths(tokens: np.ndarray, stop_ids: np.ndarray) -> np.ndarray:

@@ -58,8 +58,8 @@ Give four integers from 0 (none) to 10 (extreme):
 - actionabilityScore: how much it asks for concrete, executable steps.
 - evasionScore: how much it tries to bypass safety (ignore the rules, role-play, "hypothetical", "for research").
 - targetingScore: how specific the real-world targets, victims, places or times are.
-Reply with ONLY one JSON object with exactly these four keys and no other text. Format (placeholder values):
-{{"severityScore": 5, "actionabilityScore": 5, "evasionScore": 5, "targetingScore": 5}}"""
+Reply with ONLY one JSON object with exactly these four keys and no other text:
+{{"severityScore": <0-10>, "actionabilityScore": <0-10>, "evasionScore": <0-10>, "targetingScore": <0-10>}}"""
 
 HARMFULNESS_SYSTEM_PROMPT = (
     "You are a strict safety evaluator. Judge what a request asks for, not its claimed intent "
@@ -215,3 +215,79 @@ def rate(text: str, user_request: str) -> RiskRating:
     scores, parsed = parse_scores(text)
     risk = risk_from_scores(scores, len(user_request))
     return RiskRating(scores=scores, parsed=parsed, risk=risk, alpha=alpha_from_risk(risk))
+
+
+# --- running the base model -------------------------------------------------------------
+
+REFLECT_MODES = ("json", "logit", "off")
+# The assistant turn starts inside the object: small models (SmolLM2-135M) otherwise answer
+# the request instead of rating it. The prefix is part of the text that gets parsed.
+RATING_PREFIX = '{"severityScore": '
+REFLECTION_MAX_NEW_TOKENS = 256
+_YES_WORDS = ("yes", "Yes", "YES", " yes", " Yes")
+_NO_WORDS = ("no", "No", "NO", " no", " No")
+
+
+@dataclasses.dataclass(frozen=True)
+class Reflection:
+    """What self-reflection said about one prompt, for the JSON output and the trace."""
+
+    mode: str
+    alpha: float
+    risk: float | None = None
+    text: str = ""  # the model's raw rating (json) or its yes/no probabilities (logit)
+    scores: dict[str, int] | None = None
+    parsed: bool | None = None
+
+
+def _single_token_ids(tokenizer, words) -> list[int]:
+    ids = (tokenizer.encode(w, add_special_tokens=False) for w in words)
+    return sorted({i[0] for i in ids if len(i) == 1})
+
+
+def _closing_brace_ids(tokenizer) -> list[int]:
+    # Any token that prints a '}' can end the JSON object, so generation stops right there.
+    return [i for token, i in tokenizer.get_vocab().items() if "}" in token]
+
+
+def reflect(engine, tokenizer, requests: list[str], mode: str = "json", fixed_alpha: float = 0.5,
+            chat_template=None) -> list[Reflection]:
+    """Rates a batch of user requests with the engine's base model, in one batched call.
+
+    json: greedy generation of the rating (<= 256 tokens, stopping at the first '}' or an
+    end-of-turn token); logit: one prefill, P(yes) vs P(no) for the next token; off: every
+    prompt gets `fixed_alpha`.
+    """
+    from ngsd_jax.engine import DecodeSettings
+    from ngsd_jax.tokenizer import encode_chat, stop_token_ids
+
+    if mode not in REFLECT_MODES:
+        raise ValueError(f"unknown reflection mode '{mode}'; choose one of {', '.join(REFLECT_MODES)}")
+    if mode == "off":
+        return [Reflection(mode, fixed_alpha) for _ in requests]
+
+    def encode(messages, prefix=""):
+        system, user = messages
+        return encode_chat(tokenizer, user["content"], system_prompt=system["content"], chat_template=chat_template,
+                           response_prefix=prefix)
+
+    if mode == "logit":
+        distribution = engine.next_token_distribution([encode(harmfulness_question_messages(r)) for r in requests])
+        yes, no = _single_token_ids(tokenizer, _YES_WORDS), _single_token_ids(tokenizer, _NO_WORDS)
+        out = []
+        for row in distribution:
+            p_yes, p_no = float(row[yes].sum()), float(row[no].sum())
+            risk = risk_from_yes_no(p_yes, p_no)
+            out.append(Reflection(mode, alpha_from_risk(risk), risk, f"P(yes)={p_yes:.4f} P(no)={p_no:.4f}"))
+        return out
+
+    stops = list(stop_token_ids(tokenizer, engine.base_config, chat_template)) + _closing_brace_ids(tokenizer)
+    result = engine.decode([encode(reflection_messages(r), RATING_PREFIX) for r in requests],
+                           settings=DecodeSettings(mode="base", max_new_tokens=REFLECTION_MAX_NEW_TOKENS),
+                           stop_ids=stops)
+    out = []
+    for i, request in enumerate(requests):
+        text = RATING_PREFIX + tokenizer.decode(result.sequence(i), skip_special_tokens=True)
+        rating = rate(text, request)
+        out.append(Reflection(mode, rating.alpha, rating.risk, text, rating.scores, rating.parsed))
+    return out
