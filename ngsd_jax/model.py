@@ -2,8 +2,10 @@
 
 The families differ only by flags on `ModelConfig` (qkv bias, q/k norm, rope scaling,
 tied embeddings). The KV cache is an explicit pytree rather than NNX state so that the
-decode loop can carry and donate it: one preallocated `[batch, max_len, kv_heads,
-head_dim]` pair per layer, written at each sequence's own position.
+decode loop can carry and donate it: one preallocated `[batch, kv_heads, max_len,
+head_dim]` pair per layer, written at each sequence's own position. Heads come before
+positions so that attention reads the cache in place; position-major would make XLA
+transpose every layer's whole cache at every step.
 
 Padding convention: prompts are right-padded. A query at position p attends keys at
 positions <= p only, so a padded slot is never read before the sequence writes its own
@@ -19,13 +21,13 @@ from flax import nnx
 
 from ngsd_jax.config import ModelConfig, rope_inverse_frequencies
 
-# One (keys, values) pair per layer, each [batch, max_len, kv_heads, head_dim].
+# One (keys, values) pair per layer, each [batch, kv_heads, max_len, head_dim].
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
     config.check_sequence_length(max_len)
-    shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+    shape = (batch, config.num_kv_heads, max_len, config.head_dim)
     return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers))
 
 
@@ -66,8 +68,8 @@ def apply_rope(x, positions, inv_freq):
 
 
 def _write_cache(cache, new, starts):
-    """Writes new [B, T, H, hd] into cache [B, S, H, hd] at each row's own start."""
-    return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (s, 0, 0)))(
+    """Writes new [B, H, T, hd] into cache [B, H, S, hd] at each row's own start."""
+    return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (0, s, 0)))(
         cache, new, starts
     )
 
@@ -96,23 +98,24 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
 
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, kv_heads, T, hd]
         if layer_cache is None:
             keys, values, key_positions = k, v, positions
         else:
             keys = _write_cache(layer_cache[0], k, positions[:, 0])
             values = _write_cache(layer_cache[1], v, positions[:, 0])
             layer_cache = (keys, values)
-            key_positions = jnp.broadcast_to(jnp.arange(keys.shape[1]), (b, keys.shape[1]))
+            key_positions = jnp.broadcast_to(jnp.arange(keys.shape[2]), (b, keys.shape[2]))
 
         groups = self.num_heads // self.num_kv_heads
         q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
         scores = jnp.einsum(
-            "btkgh,bskh->bkgts", q, keys.astype(q.dtype), preferred_element_type=jnp.float32
+            "btkgh,bksh->bkgts", q, keys.astype(q.dtype), preferred_element_type=jnp.float32
         ) / np.sqrt(self.head_dim).astype(np.float32)
         visible = key_positions[:, None, None, None, :] <= positions[:, None, None, :, None]
         scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        out = jnp.einsum("bkgts,bskh->btkgh", weights, values.astype(x.dtype))
+        out = jnp.einsum("bkgts,bksh->btkgh", weights, values.astype(x.dtype))
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), layer_cache
 
 
