@@ -148,6 +148,11 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelCon
         raise ConfigError(f"{source}: hidden_act '{act}' is not supported; only 'silu' (SwiGLU)")
     if raw.get("mlp_bias"):
         raise ConfigError(f"{source}: mlp_bias=true is not supported")
+    if model_type != "qwen2" and raw.get("attention_bias"):
+        # HF Llama's attention_bias also puts a bias on o_proj, which the decoder lacks (the
+        # loader would silently drop it and run a different model).
+        raise ConfigError(f"{source}: attention_bias=true (biased q/k/v/o projections) is not supported "
+                          f"for {model_type}; only Qwen2's q/k/v bias is")
     try:
         hidden = int(raw["hidden_size"])
         heads = int(raw["num_attention_heads"])

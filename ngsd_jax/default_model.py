@@ -91,7 +91,7 @@ def default_base_path() -> Path:
     except OSError as err:
         raise DefaultModelError(f"{root}: cannot create the checkpoints directory ({err.strerror}); "
                                 f"set {ENV_CHECKPOINTS} to a writable directory") from None
-    gguf = _obtain_gguf(root)
+    gguf = default_base_gguf(root)
     _say(f"converting {gguf.name} into an ngsd-jax checkpoint (once)")
     _convert(gguf, target)
     _say(f"default base model ready in {time.monotonic() - start:.0f} s")
@@ -115,7 +115,9 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _obtain_gguf(root: Path) -> Path:
+def default_base_gguf(root: Path | None = None) -> Path:
+    """The default base model's GGUF as shipped: from the environment, kept under downloads/, or fetched."""
+    root = checkpoints_dir() if root is None else root
     env_gguf = os.environ.get(ENV_GGUF)
     if env_gguf:
         path = Path(env_gguf).expanduser()

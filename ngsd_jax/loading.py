@@ -86,11 +86,12 @@ def fill_decoder(config: ModelConfig, tensors: Iterator[tuple[str, np.ndarray]],
         if path not in targets:
             raise CheckpointError(f"{source}: tensor {key} has no place in a {config.num_layers}-layer "
                                   f"{config.model_type} model; config.json and the weights disagree")
-        array = array.T if transpose else array
-        expected = targets[path].shape
-        if tuple(array.shape) != tuple(expected):
+        # Compare in the source's own layout, so the message shows the shapes stored in the file.
+        expected = tuple(targets[path].shape)[::-1] if transpose else tuple(targets[path].shape)
+        if tuple(array.shape) != expected:
             raise CheckpointError(f"{source}: tensor {key} has shape {tuple(array.shape)} but config.json implies "
-                                  f"{tuple(expected)}; config.json and the weights disagree")
+                                  f"{expected}; config.json and the weights disagree")
+        array = array.T if transpose else array
         targets[path].set_value(jnp.asarray(array, dtype=dtype))
         filled.add(path)
     missing = sorted(set(targets) - filled)
@@ -122,8 +123,8 @@ def _safetensors_files(directory: Path) -> list[Path]:
                           f"point at a Hugging Face checkpoint directory or a .gguf file")
 
 
-def _check_safetensors_file(path: Path) -> None:
-    """Rejects a truncated or corrupt file before any tensor is read (safetensors would mmap garbage)."""
+def _check_safetensors_file(path: Path) -> tuple[dict, int]:
+    """Rejects a truncated or corrupt file before any tensor is read; returns (header, data start)."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -140,16 +141,40 @@ def _check_safetensors_file(path: Path) -> None:
     if 8 + header_len + end > size:
         raise CheckpointError(f"{path}: truncated ({size} bytes, header promises {8 + header_len + end}); "
                               f"download it again")
+    return header, 8 + header_len
+
+
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16,
+                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8}
 
 
 def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
-    from safetensors import safe_open
-
+    # Plain reads into fresh arrays, one tensor at a time, rather than safetensors' safe_open:
+    # its numpy backend cannot return bfloat16 (most HF checkpoints), and its mmap keeps every
+    # page read of a file resident until the file is closed, so a single-file checkpoint
+    # peaked at about twice the model in RSS.
     for path in files:
-        _check_safetensors_file(path)
-        with safe_open(str(path), framework="np") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
+        header, start = _check_safetensors_file(path)
+        with open(path, "rb", buffering=0) as f:
+            for key in sorted(k for k in header if k != "__metadata__"):
+                info = header[key]
+                dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+                if dtype is None:
+                    raise CheckpointError(f"{path}: tensor {key} has dtype {info.get('dtype')}, which ngsd-jax "
+                                          f"cannot read; convert the checkpoint to F32, F16 or BF16")
+                begin, end = info["data_offsets"]
+                array = np.empty([int(d) for d in info["shape"]], dtype)
+                if array.nbytes != end - begin:
+                    raise CheckpointError(f"{path}: corrupt header (tensor {key} has {end - begin} bytes for shape "
+                                          f"{tuple(array.shape)}); download it again")
+                buffer, done = memoryview(array.reshape(-1).view(np.uint8)), 0
+                f.seek(start + begin)
+                while done < len(buffer):
+                    read = f.readinto(buffer[done:])
+                    if not read:
+                        raise CheckpointError(f"{path}: truncated inside tensor {key}; download it again")
+                    done += read
+                yield key, array
 
 
 # ----------------------------------------------------------------------------- GGUF
