@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--top-k", type=int, default=0, help="sampling top-k (0 = off); not the merge's K")
     dec.add_argument("--seed", type=int, default=0)
     dec.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
+    dec.add_argument("--early-stop", action="store_true", default=None,
+                     help="the reference's early-stop heuristic (spec §5; off by default): from 128 tokens, "
+                          "when alpha >= 0.5, a refusal phrase, trailing spaces, emoji or control characters "
+                          "in the last 64 tokens cap the answer at +128 tokens, ending at a sentence end")
     gate = p.add_argument_group("gate (spec defaults)")
     gate.add_argument("--tau", type=float, default=None, help="neuron time constant (8)")
     gate.add_argument("--threshold", type=float, default=None, help="firing threshold (1.0)")
@@ -150,6 +154,7 @@ class Options:
     safedecoding_m: int = 2
     safedecoding_alpha: float = 3.0
     safedecoding_common: int = 5
+    early_stop: bool = False
 
 
 def resolve_options(args) -> Options:
@@ -224,6 +229,7 @@ def run(args) -> int:
     import jax.numpy as jnp
     from tqdm import tqdm
 
+    from ngsd_jax.early_stop import early_stop_tables
     from ngsd_jax.engine import DecodeSettings, Engine
     from ngsd_jax.loading import load_model
     from ngsd_jax.ngsd import GateConfig
@@ -244,13 +250,14 @@ def run(args) -> int:
     expert = load_model(expert_path, dtype) if uses_expert else None
     engine = Engine(base, expert, vocab_size=len(base_tok),
                     stop_ids=stop_token_ids(base_tok, (base or expert).config, options.chat_template),
-                    pad_id=base_tok.pad_token_id or 0)
+                    pad_id=base_tok.pad_token_id or 0,
+                    early_stop_tables=early_stop_tables(base_tok, len(base_tok)) if options.early_stop else None)
     settings = DecodeSettings(
         mode=options.mode, max_new_tokens=options.max_new_tokens, sampling_top_k=args.top_k,
         gate=GateConfig(tau=options.tau, threshold=options.threshold, v_reset=options.v_reset,
                         soft_reset=options.soft_reset, top_k=options.merge_top_k, divergence=options.divergence),
         safedecoding_first_m=options.safedecoding_m, safedecoding_alpha=options.safedecoding_alpha,
-        safedecoding_min_common=options.safedecoding_common,
+        safedecoding_min_common=options.safedecoding_common, early_stop=options.early_stop,
     )
     reflect_mode = options.reflect if options.mode in ("ngsd", "always") else "off"
     batches = [prompts[i: i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ngsd_jax import early_stop as es
 from ngsd_jax import ngsd
 from ngsd_jax.model import Decoder, init_cache
 
@@ -37,6 +38,8 @@ class DecodeSettings:
     safedecoding_first_m: int = 2
     safedecoding_alpha: float = 3.0
     safedecoding_min_common: int = 5
+    early_stop: bool = False  # the reference's early-stop heuristic (spec §5); off: not traced at all
+    early_stop_rule: es.EarlyStopRule = es.EarlyStopRule()
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -69,6 +72,8 @@ class DecodeState(NamedTuple):
     trace_v: jax.Array
     trace_spike: jax.Array
     trace_alpha: jax.Array  # alpha in force (0 where the base choice stood)
+    cap: Any = None  # [B] early stop only: length cap (a stopped row's length), NO_CAP until a trigger
+    triggered: Any = None  # [B] early stop only
 
 
 @dataclasses.dataclass
@@ -185,6 +190,8 @@ def _decode(base_graph, expert_graph, settings: DecodeSettings, vocab_size: int,
         trace_v=f32,
         trace_spike=jnp.zeros((batch, n), bool),
         trace_alpha=f32,
+        cap=jnp.full((batch,), es.NO_CAP, jnp.int32) if settings.early_stop else None,
+        triggered=jnp.zeros((batch,), bool) if settings.early_stop else None,
     )
 
     def body(s: DecodeState) -> DecodeState:
@@ -201,7 +208,7 @@ def _decode(base_graph, expert_graph, settings: DecodeSettings, vocab_size: int,
             base, token, s.base_len, s.base_cache)
         expert_logits, expert_cache = (s.expert_logits, s.expert_cache) if expert is None else _step(
             expert, token, s.expert_len, s.expert_cache)
-        return DecodeState(
+        new = DecodeState(
             step=s.step + 1,
             key=s.key,
             base_cache=base_cache,
@@ -217,19 +224,28 @@ def _decode(base_graph, expert_graph, settings: DecodeSettings, vocab_size: int,
             trace_v=record(s.trace_v, v),
             trace_spike=record(s.trace_spike, spike),
             trace_alpha=record(s.trace_alpha, in_force),
+            cap=s.cap,
+            triggered=s.triggered,
         )
+        if settings.early_stop:
+            stop, cap, triggered = es.early_stop_step(inputs["early_stop"], settings.early_stop_rule, new.tokens,
+                                                      s.step + 1, token, alpha, s.cap, s.triggered, live)
+            new = new._replace(done=new.done | stop, cap=cap, triggered=triggered)
+        return new
 
     def cond(s: DecodeState):
         return (s.step < n) & ~jnp.all(s.done)
 
     final = jax.lax.while_loop(cond, body, state)
-    return final.tokens, final.trace_d, final.trace_v, final.trace_spike, final.trace_alpha
+    outputs = final.tokens, final.trace_d, final.trace_v, final.trace_spike, final.trace_alpha
+    return outputs + (final.cap,) if settings.early_stop else outputs
 
 
 class Engine:
     """Holds a base/expert pair split into pure parameter pytrees and one jitted program per bucket."""
 
-    def __init__(self, base: Decoder | None, expert: Decoder | None, vocab_size: int, stop_ids, pad_id: int = 0):
+    def __init__(self, base: Decoder | None, expert: Decoder | None, vocab_size: int, stop_ids, pad_id: int = 0,
+                 early_stop_tables: es.EarlyStopTables | None = None):
         if base is None and expert is None:
             raise ValueError("an engine needs at least one model")
         self.vocab_size = int(vocab_size)
@@ -243,6 +259,7 @@ class Engine:
         self.expert_config = None if expert is None else expert.config
         self.stop_ids = _stop_array(stop_ids)
         self.pad_id = int(pad_id)
+        self.early_stop_tables = early_stop_tables  # needed only by settings with early_stop=True
         self.compilations = 0
         self._jitted = jax.jit(self._traced, static_argnums=(0, 1, 2, 3))
         self._prefill_jitted = jax.jit(_next_token_probabilities, static_argnums=(0, 1))
@@ -261,16 +278,25 @@ class Engine:
         top_p: float = 1.0,
         seed: int = 0,
         stop_ids=None,
+        early_stop_tables: es.EarlyStopTables | None = None,
     ) -> DecodeResult:
         """Decodes a batch. `expert_prompts` (same user messages in the expert's own chat format)
         default to the base prompts; `alpha` is a scalar or one value per prompt; `stop_ids`
-        replaces the engine's stop tokens for this call."""
+        replaces the engine's stop tokens for this call; `early_stop_tables` (else the engine's)
+        serve settings with early_stop=True."""
         expert_prompts = base_prompts if expert_prompts is None else expert_prompts
         if len(expert_prompts) != len(base_prompts):
             raise ValueError("base and expert prompts must be the same batch")
         if settings.uses_base and self.base_graph is None or settings.uses_expert and self.expert_graph is None:
             raise ValueError(f"mode '{settings.mode}' needs a model this engine was not given")
         settings = dataclasses.replace(settings, sampling=bool((np.asarray(temperature) > 0).any()))
+        tables = self.early_stop_tables if early_stop_tables is None else early_stop_tables
+        if settings.early_stop:
+            if tables is None:
+                raise ValueError("early_stop needs token tables: early_stop.early_stop_tables(tokenizer, vocab_size)")
+            if len(tables.ends_sentence) != self.vocab_size:
+                raise ValueError(f"early-stop tables cover {len(tables.ends_sentence)} tokens, the engine "
+                                 f"{self.vocab_size}")
         real = len(base_prompts)
         batch = bucket_batch(real)
         for name, config, prompts in (("base", self.base_config, base_prompts),
@@ -297,13 +323,18 @@ class Engine:
             "pad_id": np.int32(self.pad_id),
             "key": jax.random.key(seed),
         }
+        if settings.early_stop:
+            inputs["early_stop"] = tables
         params = {"base": self.base_params if settings.uses_base else None,
                   "expert": self.expert_params if settings.uses_expert else None}
         outputs = self._jitted(self.base_graph if settings.uses_base else None,
                                self.expert_graph if settings.uses_expert else None,
                                settings, self.vocab_size, params, inputs)
-        tokens, d, v, spike, alpha_in_force = (np.asarray(x)[:real] for x in jax.device_get(outputs))
-        return DecodeResult(tokens, _generated_lengths(tokens, stops), d, v, spike, alpha_in_force)
+        tokens, d, v, spike, alpha_in_force, *cap = (np.asarray(x)[:real] for x in jax.device_get(outputs))
+        lengths = _generated_lengths(tokens, stops)
+        if cap:  # an early-stopped row's cap is its length
+            lengths = np.minimum(lengths, cap[0]).astype(np.int32)
+        return DecodeResult(tokens, lengths, d, v, spike, alpha_in_force)
 
     def next_token_distribution(self, prompts: list[list[int]], model: str = "base") -> np.ndarray:
         """p(next token) after each prompt, from one prefill: [len(prompts), vocab_size] fp32."""
