@@ -224,7 +224,9 @@ REFLECT_MODES = ("json", "logit", "off")
 # The assistant turn starts inside the object: small models (SmolLM2-135M) otherwise answer
 # the request instead of rating it. The prefix is part of the text that gets parsed.
 RATING_PREFIX = '{"severityScore": '
-REFLECTION_MAX_NEW_TOKENS = 256
+# The spec allows up to 256; the four-key object is about 30 tokens, and an answer still
+# open after 64 never closes (small models repeat keys), so a larger budget only costs time.
+REFLECTION_MAX_NEW_TOKENS = 64
 _YES_WORDS = ("yes", "Yes", "YES", " yes", " Yes")
 _NO_WORDS = ("no", "No", "NO", " no", " No")
 
@@ -255,7 +257,7 @@ def reflect(engine, tokenizer, requests: list[str], mode: str = "json", fixed_al
             chat_template=None) -> list[Reflection]:
     """Rates a batch of user requests with the engine's base model, in one batched call.
 
-    json: greedy generation of the rating (<= 256 tokens, stopping at the first '}' or an
+    json: greedy generation of the rating (<= 64 tokens, stopping at the first '}' or an
     end-of-turn token); logit: one prefill, P(yes) vs P(no) for the next token; off: every
     prompt gets `fixed_alpha`.
     """
