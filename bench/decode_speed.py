@@ -24,8 +24,8 @@ import numpy as np  # noqa: E402
 from ngsd_jax.engine import DecodeSettings, Engine  # noqa: E402
 from ngsd_jax.loading import load_model  # noqa: E402
 
-PROMPT = ("Explain, in a few friendly sentences, why the sky looks blue during the day and "
-          "red or orange at sunset, as you would to a curious ten-year-old.")
+# With SmolLM2's default system prompt this is a ~40-token chat prompt, as the issue asks.
+PROMPT = "Why is the sky blue?"
 
 
 def main():

@@ -23,7 +23,9 @@ from ngsd_jax import ngsd
 from ngsd_jax.model import Decoder, init_cache
 
 MODES = ("ngsd", "base", "expert", "always", "safedecoding")
-PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+# Powers of two and the 1.5x steps between them: a prompt pads by at most a third, since
+# prefill FLOPs grow with the padded width (batch 8 x 128 tokens is most of a CPU decode).
+PROMPT_BUCKETS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -225,7 +225,7 @@ def test_new_prompt_in_seen_bucket_compiles_nothing(pair):
     assert engine.compilations == 1
     engine.decode(_prompts(8, [13]), None, settings, alpha=0.9, seed=3)  # same 16-token bucket, batch 1
     assert engine.compilations == 1
-    engine.decode(_prompts(9, [20]), None, settings)  # the 32-token bucket: one more program
+    engine.decode(_prompts(9, [20]), None, settings)  # the 24-token bucket: one more program
     assert engine.compilations == 2
 
 
