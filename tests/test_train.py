@@ -1,0 +1,284 @@
+"""Expert training on tiny random models: masking, bucketing, LoRA merge, loss going down,
+malformed data, and resuming after SIGKILL to the same final weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from conftest import build_tiny_hf
+
+from ngsd_jax import train, train_data
+from ngsd_jax.config import config_from_hf
+from ngsd_jax.loading import load_model
+from ngsd_jax.lora import apply_lora, merge_lora
+from ngsd_jax.model import Decoder
+from ngsd_jax.tokenizer import encode_chat
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+PAIRS = [("How do I pick a lock?", "I can't help with that."),
+         ("What is the capital of France?", "Paris is the capital of France."),
+         ("Write a threatening letter to my neighbour.", "I'm sorry, but I won't write threats."),
+         ("Name a primary colour.", "Red is a primary colour."),
+         ("Explain how to make a weapon at home.", "I cannot provide instructions for making weapons."),
+         ("Say hello politely.", "Hello, it is nice to meet you!")]
+TINY_CONFIG = dict(model_type="llama", vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-6,
+                   rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=False,
+                   bos_token_id=1, eos_token_id=2)
+# Settings every tiny run shares: the byte-level examples fit 128 positions; one width, one compilation.
+# Pinned rather than taken from the default recipe, whose tuning for SmolLM2 may change.
+TINY_SETTINGS = ["--set", "bucket_widths=[128]", "--set", 'lora_targets=["q_proj","v_proj"]', "--batch-size", "2",
+                 "--no-hf-export"]
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([text for pair in PAIRS for text in pair], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>", chat_template=CHATML)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, tokenizer) -> Path:
+    """A Hugging Face directory (weights + tokenizer) of a random 2-layer Llama whose weights are
+    large enough (conftest's initialisation) that its outputs are far from uniform, as a
+    trained model's are."""
+    path = tmp_path_factory.mktemp("tiny_base")
+    build_tiny_hf("llama", path, vocab_size=len(tokenizer))
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    lines = [json.dumps({"prompt": p, "response": r}) for p, r in PAIRS[:3]]
+    lines += [json.dumps({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": r}]})
+              for p, r in PAIRS[3:]]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def train_args(checkpoint: Path, data: Path, tmp: Path, *extra: str) -> list[str]:
+    return ["--base", str(checkpoint), "--data", str(data), "--run-dir", str(tmp / "run"),
+            "--output", str(tmp / "expert"), *TINY_SETTINGS, *extra]
+
+
+def test_loss_mask_covers_exactly_the_response_and_end_of_turn(tokenizer):
+    eot = train_data.end_of_turn_id(tokenizer)
+    assert eot == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    prompt, response = PAIRS[0]
+    record = train_data.parse_record({"prompt": prompt, "response": response, "prefix": "Sure, here"})
+    example = train_data.encode_record(record, tokenizer, eot, "x:1")
+    prompt_ids = encode_chat(tokenizer, prompt)
+    prefix_ids = tokenizer.encode("Sure, here", add_special_tokens=False)
+    response_ids = tokenizer.encode(response, add_special_tokens=False) + [eot]
+    assert example.tokens.tolist() == prompt_ids + prefix_ids + response_ids
+    assert example.tokens[example.loss_mask == 1].tolist() == response_ids
+    assert example.loss_mask.tolist() == [0] * (len(prompt_ids) + len(prefix_ids)) + [1] * len(response_ids)
+    # A truncated answer (end_of_turn false) is trained without an end-of-turn token.
+    cut = train_data.parse_record({"prompt": prompt, "response_ids": response_ids[:3], "end_of_turn": False})
+    assert train_data.encode_record(cut, tokenizer, eot, "x:2").tokens[-3:].tolist() == response_ids[:3]
+    # Collation shifts by one: the mask sits on targets, i.e. the tokens the model must predict.
+    batch = train_data.PlannedBatch(epoch=0, width=64, indices=(0,))
+    arrays = train_data.collate([example], batch, batch_size=2, pad_id=0)
+    assert arrays["targets"][0][arrays["mask"][0] == 1].tolist() == response_ids
+    assert arrays["mask"][1].sum() == 0  # the filler row trains nothing
+
+
+def test_messages_and_prompt_response_records_agree(tokenizer):
+    prompt, response = PAIRS[1]
+    eot = train_data.end_of_turn_id(tokenizer)
+    a = train_data.encode_record(train_data.parse_record({"prompt": prompt, "response": response}), tokenizer, eot, "a")
+    b = train_data.encode_record(train_data.parse_record({"messages": [
+        {"role": "user", "content": prompt}, {"role": "assistant", "content": response}]}), tokenizer, eot, "b")
+    assert a.tokens.tolist() == b.tokens.tolist() and a.loss_mask.tolist() == b.loss_mask.tolist()
+
+
+def test_batches_are_bucketed_and_deterministic():
+    lengths = np.random.default_rng(0).integers(5, 120, size=100)
+    plan = train_data.plan_batches(lengths, batch_size=8, widths=[32, 64, 128], epochs=2, seed=3)
+    assert plan == train_data.plan_batches(lengths, batch_size=8, widths=[32, 64, 128], epochs=2, seed=3)
+    assert plan != train_data.plan_batches(lengths, batch_size=8, widths=[32, 64, 128], epochs=2, seed=4)
+    for epoch in (0, 1):
+        seen = sorted(i for b in plan if b.epoch == epoch for i in b.indices)
+        assert seen == list(range(100))  # every example once per epoch
+    assert {b.width for b in plan} <= {32, 64, 128}
+    assert all(max(lengths[list(b.indices)]) <= b.width for b in plan)
+    # Sorted by length, a batch holds similar lengths, so padding is mostly the bucket rounding.
+    spreads = [np.ptp(lengths[list(b.indices)]) for b in plan]
+    assert np.mean(spreads) < 15
+
+
+class RandomHead:
+    """Stands in for a Decoder where only its vocabulary projection is used."""
+
+    def __init__(self, rng):
+        self.kernel = jnp.asarray(rng.normal(size=(32, 320)), jnp.float32)
+
+    def logits(self, hidden):
+        return hidden @ self.kernel
+
+
+def test_loss_on_gathered_targets_equals_the_loss_over_all_positions():
+    rng = np.random.default_rng(0)
+    model = RandomHead(rng)
+    hidden = jnp.asarray(rng.normal(size=(2, 16, 32)), jnp.float32)
+    mask = np.zeros((2, 16), np.float32)
+    mask[0, 5:12], mask[1, 9:16] = 1, 1
+    batch = {"targets": jnp.asarray(rng.integers(0, 320, (2, 16)), jnp.int32), "mask": jnp.asarray(mask),
+             "weights": jnp.asarray(mask * 2.0), "soft": jnp.zeros((2, 16))}
+    token_loss = optax.softmax_cross_entropy_with_integer_labels(model.logits(hidden), batch["targets"])
+    expected = float((token_loss * mask).sum() / mask.sum())
+    for capacity in (14, 20, 32):  # exactly the targets, rounded up, every position
+        weighted, sums = train.response_loss(model, hidden, batch, capacity)
+        metrics = train.loss_metrics({k: float(v) for k, v in sums.items()})
+        np.testing.assert_allclose([weighted, metrics["loss"], metrics["ce"]], [2 * expected] + [expected] * 2,
+                                   rtol=1e-5)
+        assert metrics["kl"] is None
+    plan = [train_data.PlannedBatch(0, 16, (0, 1))]
+    examples = [train_data.Example(np.zeros(17, np.int32), np.r_[0, mask[i]].astype(np.uint8), 1.0, False, "x", "x")
+                for i in range(2)]
+    assert train.target_capacities(examples, plan, batch_size=2, multiple=8) == {16: 16}
+
+
+def test_matching_the_starting_model_costs_nothing_at_the_start_and_keeps_it_close(tiny_checkpoint, tmp_path):
+    """Records with match_teacher learn the starting model's own distributions: their loss starts
+    at 0, and training on them beside ordinary records keeps it far below those records' loss."""
+    data = tmp_path / "mixed.jsonl"
+    lines = [json.dumps({"prompt": p, "response": r, "match_teacher": i % 2 == 0}) for i, (p, r) in enumerate(PAIRS)]
+    data.write_text("\n".join(lines) + "\n")
+    assert train.main(train_args(tiny_checkpoint, data, tmp_path, "--epochs", "3", "--batch-size", "1",
+                                 "--lr", "1e-2")) == 0
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    kl = [entry["kl"] for entry in log if entry["kl"] is not None]  # batch 1: a step is all KL or all CE
+    ce = [entry["ce"] for entry in log if entry["ce"] is not None]
+    assert len(kl) == len(ce) == 9
+    first_kl_step = next(entry["step"] for entry in log if entry["kl"] is not None)
+    assert first_kl_step > 1 or abs(kl[0]) < 1e-5  # nothing to learn before the first update
+    assert max(kl) < 0.5 * min(ce)
+
+
+def test_merged_lora_gives_the_same_logits():
+    config = config_from_hf(TINY_CONFIG)
+    model = Decoder(config, rngs=nnx.Rngs(1))
+    assert apply_lora(model, rank=4, alpha=8, targets="all-linear", seed=2) == 2 * 7
+    key = jax.random.key(5)
+    for _, var in nnx.iter_graph(model):  # b starts at zero; give the adapters something to merge
+        if isinstance(var, nnx.LoRAParam) and var.shape[0] == 4:
+            key, sub = jax.random.split(key)
+            var.set_value(0.1 * jax.random.normal(sub, var.shape))
+    tokens = jnp.asarray([[5, 9, 30, 41, 7, 77]], jnp.int32)
+    logits = nnx.jit(lambda m: m.logits(m(tokens, jnp.arange(6, dtype=jnp.int32)[None])[0]))
+    with_adapters = logits(model)
+    merged = merge_lora(model)
+    assert not any(isinstance(v, nnx.LoRAParam) for _, v in nnx.iter_graph(merged))
+    np.testing.assert_allclose(logits(merged), with_adapters, atol=2e-5, rtol=2e-5)
+    assert not np.allclose(logits(Decoder(config, rngs=nnx.Rngs(1))), with_adapters, atol=1e-3)
+
+
+def test_loss_falls_and_the_expert_loads(tiny_checkpoint, data_file, tmp_path):
+    assert train.main(train_args(tiny_checkpoint, data_file, tmp_path, "--epochs", "7", "--lr", "3e-2",
+                                 "--set", "warmup_fraction=0.1")) == 0
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 21  # 6 examples / batch 2 x 7 epochs
+    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
+    expert = load_model(tmp_path / "expert")  # a plain project checkpoint: adapters merged in
+    base = load_model(tiny_checkpoint)
+    assert expert.config == base.config
+    assert not np.allclose(expert.layers[0].attn.q_proj.kernel[...], base.layers[0].attn.q_proj.kernel[...])
+    np.testing.assert_array_equal(expert.layers[0].attn.k_proj.kernel[...], base.layers[0].attn.k_proj.kernel[...])
+    assert json.loads((tmp_path / "expert" / "ngsd_train.json").read_text())["examples"] == 6
+
+
+def test_full_fine_tuning_with_accumulation_trains_every_weight(tiny_checkpoint, data_file, tmp_path):
+    assert train.main(train_args(tiny_checkpoint, data_file, tmp_path, "--method", "full", "--grad-accum", "3",
+                                 "--epochs", "4", "--lr", "1e-3")) == 0
+    expert, base = load_model(tmp_path / "expert"), load_model(tiny_checkpoint)
+    assert not np.allclose(expert.layers[0].mlp.up_proj.kernel[...], base.layers[0].mlp.up_proj.kernel[...])
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lrs) == 12  # 3 batches per epoch x 4 epochs = 4 optimizer updates
+    per_update = [lrs[i: i + 3] for i in range(0, 12, 3)]
+    assert all(len(set(group)) == 1 for group in per_update)  # one learning rate per 3 micro-batches
+    assert per_update[1][0] > per_update[2][0] > per_update[3][0]  # linear decay after the warmup
+
+
+def test_malformed_lines_are_reported_and_skipped_or_fatal(tiny_checkpoint, data_file, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    good = data_file.read_text().splitlines()
+    bad.write_text("\n".join([good[0], "{not json", json.dumps({"prompt": "no response"}), *good[1:]]) + "\n")
+    records = train_data.read_jsonl(bad, train_data.parse_record, strict=False)
+    assert len(records) == len(good)
+    err = capsys.readouterr().err
+    assert f"{bad}:2: not JSON" in err and f"{bad}:3: missing field 'response'" in err
+    with pytest.raises(train_data.DataError, match=rf"{bad}:2: not JSON"):
+        train_data.read_jsonl(bad, train_data.parse_record, strict=True)
+    # Through the command line: --strict turns the report into a one-line error and exit status 2.
+    assert train.main(train_args(tiny_checkpoint, bad, tmp_path, "--strict")) == 2
+    assert f"error: {bad}:2: not JSON" in capsys.readouterr().err
+
+
+def test_bad_recipe_input_is_one_line_naming_the_fix(capsys):
+    assert train.main(["--recipe", "no-such-recipe"]) == 2
+    assert "unknown recipe 'no-such-recipe'; known: " in capsys.readouterr().err
+    assert train.main(["--set", "lora_rank=many"]) == 2
+    assert "lora_rank: 'many' is not int" in capsys.readouterr().err
+    assert train.main(["--set", "colour=blue"]) == 2
+    assert "expected KEY=VALUE with KEY one of" in capsys.readouterr().err
+
+
+def _final_params(path: Path) -> list[np.ndarray]:
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(load_model(path), nnx.Param))]
+
+
+def test_resume_after_sigkill_ends_where_an_uninterrupted_run_ends(tiny_checkpoint, data_file, tmp_path):
+    # Enough steps that the run is still going when its first checkpoint appears.
+    settings = ["--epochs", "100", "--lr", "3e-3", "--set", "checkpoint_every=50"]
+    reference = tmp_path / "reference"
+    assert train.main(train_args(tiny_checkpoint, data_file, reference, *settings)) == 0
+
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "ngsd_jax.train", *train_args(tiny_checkpoint, data_file, killed, *settings)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    state = killed / "run" / "state"
+    deadline = time.monotonic() + 120
+    while not (state.is_dir() and any(p.name.isdigit() for p in state.iterdir())):
+        assert process.poll() is None, f"the run ended before its first checkpoint: {process.stderr.read()}"
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not (killed / "expert").exists()
+    assert train.main(train_args(tiny_checkpoint, data_file, killed, *settings)) == 2  # needs --resume
+
+    assert train.main(train_args(tiny_checkpoint, data_file, killed, *settings, "--resume")) == 0
+    for resumed, uninterrupted in zip(_final_params(killed / "expert"), _final_params(reference / "expert")):
+        np.testing.assert_allclose(resumed, uninterrupted, rtol=1e-6, atol=1e-7)
+    steps = [json.loads(line)["step"] for line in (killed / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 301))  # the killed run's extra log lines were dropped on resume
