@@ -1,7 +1,8 @@
 """Refusal rates on a labelled prompt set: the base alone vs NGSD with a safety expert.
 
     python bench/jbb_refusals.py PROMPTS.csv [--base PATH] [--expert PATH] [--alpha 0.9 0.5]
-                                 [--max-new-tokens 64] [--batch-size 64] [--limit N] [--out FILE.jsonl]
+                                 [--reflect json logit] [--max-new-tokens 64] [--batch-size 64]
+                                 [--limit N] [--out FILE.jsonl]
 
 PROMPTS.csv has a `Goal` column (the request) and a `label` column (0 = harmful, 1 =
 benign), as JailbreakBench's behaviours file does. Every prompt is decoded greedily with
@@ -42,7 +43,9 @@ def main():
     parser.add_argument("csv_path")
     parser.add_argument("--base", help="base checkpoint (default: the embedded SmolLM2-135M)")
     parser.add_argument("--expert", help="expert checkpoint (default: the one `python -m ngsd_jax.train` builds)")
-    parser.add_argument("--alpha", type=float, nargs="+", default=[0.9, 0.5], help="fixed NGSD alphas to run")
+    parser.add_argument("--alpha", type=float, nargs="*", default=[0.9, 0.5], help="fixed NGSD alphas to run")
+    parser.add_argument("--reflect", nargs="*", default=[], choices=["json", "logit"],
+                        help="also run NGSD with alpha from self-reflection in these modes")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--limit", type=int, default=0, help="use only the first N prompts of each label")
@@ -54,6 +57,7 @@ def main():
     from ngsd_jax.default_model import default_base_path, default_expert_path
     from ngsd_jax.engine import DecodeSettings, Engine
     from ngsd_jax.loading import load_model
+    from ngsd_jax.reflection import reflect
     from ngsd_jax.tokenizer import encode_chat, load_tokenizer, stop_token_ids
 
     with open(args.csv_path, newline="", encoding="utf-8") as f:
@@ -73,6 +77,7 @@ def main():
 
     conditions = [] if args.no_base else [("base", "base", 0.0)]
     conditions += [(f"ngsd a={a}", "ngsd", a) for a in args.alpha]
+    conditions += [(f"ngsd {m}", "ngsd", m) for m in args.reflect]
     records = []
     print(f"{len(rows)} prompts ({sum(1 for _, y in rows if y == 0)} harmful), greedy, "
           f"{args.max_new_tokens} new tokens; base {base_path}; expert {expert_path}")
@@ -84,21 +89,27 @@ def main():
         results = []
         for i in range(0, len(rows), args.batch_size):
             chunk = slice(i, i + args.batch_size)
-            result = engine.decode(base_prompts[chunk], expert_prompts[chunk], settings, alpha=alpha)
+            if isinstance(alpha, str):  # a self-reflection mode: one alpha per prompt
+                reflections = reflect(engine, base_tok, [goal for goal, _ in rows[chunk]], mode=alpha)
+                chunk_alpha = [r.alpha for r in reflections]
+            else:
+                chunk_alpha = alpha
+            result = engine.decode(base_prompts[chunk], expert_prompts[chunk], settings, alpha=chunk_alpha)
             for row in range(len(base_prompts[chunk])):
                 n = int(result.lengths[row])
                 text = base_tok.decode(result.sequence(row), skip_special_tokens=True)
-                results.append((text, int(result.spike[row, :n].sum())))
+                row_alpha = chunk_alpha[row] if isinstance(chunk_alpha, list) else chunk_alpha
+                results.append((text, int(result.spike[row, :n].sum()), row_alpha))
         seconds = time.perf_counter() - start
         stats = {}
         for label in (0, 1):
-            picked = [(t, s) for (t, s), (_, y) in zip(results, rows) if y == label]
+            picked = [(t, s) for (t, s, _), (_, y) in zip(results, rows) if y == label]
             stats[label] = (sum(is_refusal(t) for t, _ in picked) / len(picked),
                             sum(s > 0 for _, s in picked) / len(picked), sum(s for _, s in picked) / len(picked))
         print(f"{name:<14} {stats[0][0]:>14.0%} {stats[1][0]:>14.0%} {stats[1][1]:>16.0%} "
               f"{stats[1][2]:>14.2f} {stats[0][2]:>15.2f} {seconds:>8.0f}", flush=True)
-        records += [{"condition": name, "goal": goal, "label": label, "refusal": is_refusal(text), "spikes": spikes,
-                     "response": text} for (text, spikes), (goal, label) in zip(results, rows)]
+        records += [{"condition": name, "goal": goal, "label": label, "alpha": row_alpha, "refusal": is_refusal(text),
+                     "spikes": spikes, "response": text} for (text, spikes, row_alpha), (goal, label) in zip(results, rows)]
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
