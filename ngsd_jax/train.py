@@ -69,9 +69,12 @@ class Recipe:
     generation_batch: int = 64
     recovery_prompts: int | None = 64  # harmful train prompts whose base answer seeds recovery examples (None = all)
     recovery_prefix_tokens: list[int] = dataclasses.field(default_factory=lambda: [5, 10, 20, 40])
+    recovery_prefixes_per_prompt: int | None = None  # prefix lengths per recovery prompt, in turn (None = all)
     harmful_weight: float = 1.0
     benign_weight: float = 1.0
     recovery_weight: float = 1.0
+    decision_tokens: int = 0  # the first N targets of every response weigh decision_weight times more
+    decision_weight: float = 1.0
     # "kl": on benign answers learn the base's whole next-token distribution (needs expert_init =
     # base), which keeps the neuron quiet there; "tokens": cross-entropy on the base's greedy tokens.
     distill_loss: str = "kl"
@@ -114,6 +117,10 @@ class Recipe:
             (self.checkpoint_every >= 1 and self.generation_batch >= 1, "checkpoint_every, generation_batch >= 1"),
             (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1"),
             (all(k >= 1 for k in self.recovery_prefix_tokens), "recovery_prefix_tokens must be >= 1"),
+            (self.decision_tokens >= 0 and self.decision_weight > 0, "decision_tokens must be >= 0 and "
+             "decision_weight > 0"),
+            (self.recovery_prefixes_per_prompt is None or self.recovery_prefixes_per_prompt >= 1,
+             "recovery_prefixes_per_prompt must be >= 1"),
             (bool(self.data) or bool(self.harmful_data) or bool(self.benign_data),
              "no training data: set harmful_data/benign_data or give --data FILE"),
         ]
@@ -284,9 +291,9 @@ def build_default_dataset(recipe: Recipe, tokenizer, answers_from: BaseAnswers, 
                                       recipe.base_chat_template, recipe.base_system_prompt)
     records = td.build_default_records(
         harmful, benign, answers, recovery_ids=recovery, recovery_prefix_tokens=recipe.recovery_prefix_tokens,
-        eot_id=eot, tokenizer=tokenizer, harmful_weight=recipe.harmful_weight,
-        benign_weight=recipe.benign_weight, recovery_weight=recipe.recovery_weight,
-        match_teacher=recipe.distill_loss == "kl")
+        prefixes_per_prompt=recipe.recovery_prefixes_per_prompt, eot_id=eot, tokenizer=tokenizer,
+        harmful_weight=recipe.harmful_weight, benign_weight=recipe.benign_weight,
+        recovery_weight=recipe.recovery_weight, match_teacher=recipe.distill_loss == "kl")
     counts: dict[str, int] = {}
     for r in records:
         counts[r["kind"]] = counts.get(r["kind"], 0) + 1
@@ -671,7 +678,8 @@ def train(recipe: Recipe, model, examples, run_dir: Path, pad_id: int, resume: b
         step = start
         while step < total:
             batch = plan[step]
-            arrays = td.collate(examples, batch, recipe.batch_size, pad_id)
+            arrays = td.collate(examples, batch, recipe.batch_size, pad_id, recipe.decision_tokens,
+                                recipe.decision_weight)
             tick = time.perf_counter()
             trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, initial_state, arrays,
                                                     capacity=capacities[batch.width])

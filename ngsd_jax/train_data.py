@@ -264,9 +264,14 @@ def plan_fingerprint(plan: Sequence[PlannedBatch]) -> str:
     return digest.hexdigest()[:16]
 
 
-def collate(examples: Sequence[Example], batch: PlannedBatch, batch_size: int, pad_id: int) -> dict[str, np.ndarray]:
+def collate(examples: Sequence[Example], batch: PlannedBatch, batch_size: int, pad_id: int,
+            decision_tokens: int = 0, decision_weight: float = 1.0) -> dict[str, np.ndarray]:
     """Right-padded [batch_size, width] inputs, next-token targets, the target mask, per-token loss
-    weights and `soft` (1 where the target is the teacher's distribution rather than the token)."""
+    weights and `soft` (1 where the target is the teacher's distribution rather than the token).
+
+    The first `decision_tokens` targets of each response weigh `decision_weight` times more:
+    there the model decides between answering and refusing, while the rest of a refusal is
+    easy once it has begun and would otherwise dominate the loss."""
     shape = (batch_size, batch.width)
     inputs = np.full(shape, pad_id, np.int32)
     targets = np.zeros(shape, np.int32)
@@ -280,6 +285,9 @@ def collate(examples: Sequence[Example], batch: PlannedBatch, batch_size: int, p
         targets[row, :n] = ex.tokens[1:]
         mask[row, :n] = ex.loss_mask[1:]
         weights[row, :n] = ex.loss_mask[1:] * ex.weight
+        if decision_tokens:
+            first = np.flatnonzero(ex.loss_mask[1:])[:decision_tokens]
+            weights[row, first] *= decision_weight
         soft[row, :n] = ex.loss_mask[1:] * ex.match_teacher
     return {"inputs": inputs, "targets": targets, "mask": mask, "weights": weights, "soft": soft}
 
@@ -353,12 +361,15 @@ def generate_answers(make_engine: Callable[[], object], tokenizer, requests: Seq
 
 
 def build_default_records(harmful: Sequence[dict], benign: Sequence[dict], answers: dict[str, dict], *,
-                          recovery_ids: Sequence[str], recovery_prefix_tokens: Sequence[int], eot_id: int,
-                          tokenizer, harmful_weight: float, benign_weight: float, recovery_weight: float,
-                          match_teacher: bool) -> list[dict]:
+                          recovery_ids: Sequence[str], recovery_prefix_tokens: Sequence[int],
+                          prefixes_per_prompt: int | None, eot_id: int, tokenizer, harmful_weight: float,
+                          benign_weight: float, recovery_weight: float, match_teacher: bool) -> list[dict]:
     """Training records: refusals for harmful prompts, the teacher's own answers for benign ones
     (to be matched token by token, or distribution by distribution with `match_teacher`), and
-    deep-alignment recovery examples (the teacher's harmful start, then the refusal)."""
+    deep-alignment recovery examples (the teacher's harmful start, then the refusal).
+
+    Each recovery prompt gets `prefixes_per_prompt` of the prefix lengths (all when None),
+    taken in turn from the list, so many prompts can share the lengths between them."""
     records = [{"kind": "refusal", "id": r["id"], "prompt": r["prompt"], "response": r["response"],
                 "weight": harmful_weight} for r in harmful]
     for r in benign:
@@ -370,12 +381,14 @@ def build_default_records(harmful: Sequence[dict], benign: Sequence[dict], answe
                         "response": answer["response"], "end_of_turn": answer["finished"], "weight": benign_weight,
                         "match_teacher": match_teacher})
     by_id = {r["id"]: r for r in harmful}
-    for rid in recovery_ids:
+    lengths = list(recovery_prefix_tokens)
+    per_prompt = len(lengths) if prefixes_per_prompt is None else min(prefixes_per_prompt, len(lengths))
+    for n, rid in enumerate(recovery_ids):
         answer = answers[rid]
         if looks_like_refusal(answer["response"]):
             continue  # the base already refuses: there is no harmful start to recover from
         body = [t for t in answer["response_ids"] if t != eot_id]
-        for k in recovery_prefix_tokens:
+        for k in (lengths[(n * per_prompt + j) % len(lengths)] for j in range(per_prompt)):
             if len(body) >= k:
                 records.append({"kind": f"recovery{k}", "id": rid, "prompt": by_id[rid]["prompt"],
                                 "prefix_ids": body[:k], "prefix": tokenizer.decode(body[:k]),

@@ -111,6 +111,38 @@ def test_loss_mask_covers_exactly_the_response_and_end_of_turn(tokenizer):
     assert arrays["mask"][1].sum() == 0  # the filler row trains nothing
 
 
+def test_decision_tokens_weigh_only_the_first_targets_of_each_response(tokenizer):
+    eot = train_data.end_of_turn_id(tokenizer)
+    examples = [train_data.encode_record(train_data.parse_record({"prompt": p, "response": r, "weight": w}),
+                                         tokenizer, eot, "x") for (p, r), w in zip(PAIRS[:2], (1.0, 0.5))]
+    batch = train_data.PlannedBatch(epoch=0, width=64, indices=(0, 1))
+    plain = train_data.collate(examples, batch, batch_size=2, pad_id=0)
+    weighted = train_data.collate(examples, batch, batch_size=2, pad_id=0, decision_tokens=3, decision_weight=4.0)
+    for row, weight in enumerate((1.0, 0.5)):
+        targets = np.flatnonzero(plain["mask"][row])
+        assert weighted["weights"][row, targets[:3]].tolist() == [4.0 * weight] * 3
+        assert weighted["weights"][row, targets[3:]].tolist() == [weight] * (len(targets) - 3)
+        assert weighted["weights"][row][plain["mask"][row] == 0].sum() == 0  # prompt and padding stay out
+    assert (weighted["mask"] == plain["mask"]).all()
+
+
+def test_recovery_prompts_share_the_prefix_lengths_in_turn(tokenizer):
+    harmful = [{"id": f"h{i}", "prompt": f"bad request {i}", "response": "I can't help with that."} for i in range(4)]
+    answers = {f"h{i}": {"response_ids": list(range(10, 50)), "response": "Sure, here is how", "finished": False}
+               for i in range(4)}
+    records = train_data.build_default_records(
+        harmful, [], answers, recovery_ids=[r["id"] for r in harmful], recovery_prefix_tokens=[1, 2, 4],
+        prefixes_per_prompt=1, eot_id=0, tokenizer=tokenizer, harmful_weight=1.0, benign_weight=1.0,
+        recovery_weight=1.0, match_teacher=True)
+    recovery = [(r["id"], len(r["prefix_ids"])) for r in records if r["kind"].startswith("recovery")]
+    assert recovery == [("h0", 1), ("h1", 2), ("h2", 4), ("h3", 1)]
+    records = train_data.build_default_records(
+        harmful[:1], [], answers, recovery_ids=["h0"], recovery_prefix_tokens=[1, 2, 4], prefixes_per_prompt=None,
+        eot_id=0, tokenizer=tokenizer, harmful_weight=1.0, benign_weight=1.0, recovery_weight=1.0,
+        match_teacher=True)
+    assert [len(r["prefix_ids"]) for r in records if r["kind"].startswith("recovery")] == [1, 2, 4]
+
+
 def test_messages_and_prompt_response_records_agree(tokenizer):
     prompt, response = PAIRS[1]
     eot = train_data.end_of_turn_id(tokenizer)
