@@ -1,11 +1,12 @@
 """Refusal rates on a labelled prompt set: the base alone vs NGSD with a safety expert.
 
-    python bench/jbb_refusals.py PROMPTS.csv [--base PATH] [--expert PATH] [--alpha 0.9 0.5]
+    python bench/jbb_refusals.py PROMPTS.csv|heldout [--base PATH] [--expert PATH] [--alpha 0.9 0.5]
                                  [--reflect json logit] [--max-new-tokens 64] [--batch-size 64]
                                  [--limit N] [--out FILE.jsonl]
 
 PROMPTS.csv has a `Goal` column (the request) and a `label` column (0 = harmful, 1 =
-benign), as JailbreakBench's behaviours file does. Every prompt is decoded greedily with
+benign), as JailbreakBench's behaviours file does; `heldout` reads the held-out split of
+the project's own training data (train/data/*.jsonl) instead. Every prompt is decoded greedily with
 the base alone and with NGSD at each fixed alpha (the same alpha for harmful and benign
 prompts: no self-reflection), and each answer is judged by refusal keywords
 (`is_refusal`). Printed per condition: the refusal rate on harmful and on benign prompts,
@@ -20,6 +21,7 @@ import csv
 import json
 import os
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -40,7 +42,7 @@ def is_refusal(text: str) -> bool:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("csv_path")
+    parser.add_argument("csv_path", help="labelled prompts (.csv), or `heldout` for the project's held-out split")
     parser.add_argument("--base", help="base checkpoint (default: the embedded SmolLM2-135M)")
     parser.add_argument("--expert", help="expert checkpoint (default: the one `python -m ngsd_jax.train` builds)")
     parser.add_argument("--alpha", type=float, nargs="*", default=[0.9, 0.5], help="fixed NGSD alphas to run")
@@ -60,8 +62,14 @@ def main():
     from ngsd_jax.reflection import reflect
     from ngsd_jax.tokenizer import encode_chat, load_tokenizer, stop_token_ids
 
-    with open(args.csv_path, newline="", encoding="utf-8") as f:
-        rows = [(r["Goal"], int(r["label"])) for r in csv.DictReader(f)]
+    if args.csv_path == "heldout":
+        data = Path(__file__).resolve().parent.parent / "train" / "data"
+        rows = [(r["prompt"], label) for name, label in (("harmful", 0), ("benign", 1))
+                for r in map(json.loads, (data / f"{name}.jsonl").read_text(encoding="utf-8").splitlines())
+                if r["split"] == "heldout"]
+    else:
+        with open(args.csv_path, newline="", encoding="utf-8") as f:
+            rows = [(r["Goal"], int(r["label"])) for r in csv.DictReader(f)]
     if args.limit:
         rows = [r for label in (0, 1) for r in [x for x in rows if x[1] == label][: args.limit]]
     base_path = args.base or str(default_base_path())
@@ -109,7 +117,8 @@ def main():
         print(f"{name:<14} {stats[0][0]:>14.0%} {stats[1][0]:>14.0%} {stats[1][1]:>16.0%} "
               f"{stats[1][2]:>14.2f} {stats[0][2]:>15.2f} {seconds:>8.0f}", flush=True)
         records += [{"condition": name, "goal": goal, "label": label, "alpha": row_alpha, "refusal": is_refusal(text),
-                     "spikes": spikes, "response": text} for (text, spikes, row_alpha), (goal, label) in zip(results, rows)]
+                     "spikes": spikes, "response": text}
+                    for (text, spikes, row_alpha), (goal, label) in zip(results, rows)]
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
