@@ -137,13 +137,15 @@ def wrap_code(rng: random.Random, instruction: str, code: str, lang: str) -> str
 
 def with_constraint(rng: random.Random, text: str, constraints: list[str], p: float = 0.45) -> str:
     if constraints and rng.random() < p:
-        return f"{text} {rng.choice(constraints)}"
+        separator = " " if text.endswith((".", "?", "!", ":")) else ". "
+        return f"{text}{separator}{rng.choice(constraints)}"
     return text
 
 
 def casual(rng: random.Random, instruction: str) -> str:
     """Some requests typed casually: lowercase start, no final full stop."""
-    if rng.random() < 0.12 and instruction[:1].isupper() and not instruction.startswith("I "):
+    if rng.random() < 0.12 and instruction[:1].isupper() and not instruction[1:2].isupper() \
+            and not instruction.startswith(("I ", "I'")):
         instruction = instruction[0].lower() + instruction[1:]
         if instruction.endswith(".") and instruction.count(".") == 1:
             instruction = instruction[:-1]
@@ -279,7 +281,7 @@ def t_proofread(rng, it):
         "Check this for mistakes and return a corrected version.",
         "Edit this text for spelling, grammar and punctuation.",
         "Please tidy up this text so I can send it."])
-    ins = with_constraint(rng, ins, ["Don't change the meaning.", "Explain the three most important fixes.",
+    ins = with_constraint(rng, ins, ["Don't change the meaning.", "Keep the original tone.",
                                      "Use British spelling."], p=0.35)
     return wrap_text(rng, casual(rng, ins), it["text"])
 
@@ -455,7 +457,9 @@ def t_planning(rng, it):
 
 def t_brainstorm(rng, it):
     n = n_items(rng)
-    ins = rng.choice([f"Brainstorm {n} {it['text']}.", f"Give me {n} ideas: {it['text']}.",
+    subject = it["text"]
+    give_ideas = f"Give me {n} {subject}." if subject.startswith("ideas ") else f"Give me {n} ideas: {subject}."
+    ins = rng.choice([f"Brainstorm {n} {it['text']}.", give_ideas,
                       f"I need some inspiration. Can you come up with {it['text']}?",
                       f"List {n} creative {it['text']}, with a sentence on each."])
     return with_constraint(rng, casual(rng, ins), ["Make a few of them unusual.", "Avoid anything expensive.",
