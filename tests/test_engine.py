@@ -242,6 +242,18 @@ def test_sampling_is_seeded_and_differs_from_greedy(pair):
     assert a != c or a != greedy
 
 
+def test_per_prompt_settings_are_checked_at_the_boundary(pair):
+    _, base, _, expert = pair
+    engine = Engine(base, expert, vocab_size=VOCAB, stop_ids=[])
+    prompts, settings = _prompts(12, [6, 7]), DecodeSettings(mode="ngsd", max_new_tokens=4)
+    with pytest.raises(AssertionError, match=r"alpha: give a scalar or one value per prompt"):
+        engine.decode(prompts, None, settings, alpha=[0.1, 0.5, 0.9])
+    with pytest.raises(AssertionError, match=r"temperature must be finite"):
+        engine.decode(prompts, None, settings, temperature=[1.0, float("nan")])
+    with pytest.raises(AssertionError, match=r"alpha must be finite"):
+        engine.decode(prompts, None, settings, alpha=float("nan"))
+
+
 def test_padded_vocabulary_rows_are_never_chosen(tmp_path):
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
