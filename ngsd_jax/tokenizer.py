@@ -15,7 +15,6 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported anywhere through us
 # transformers serves only tokenizers here; its import-time "PyTorch was not found" advice does not apply.
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 

@@ -123,6 +123,21 @@ def test_missing_expert_says_how_to_train_one(pair, capsys):
     assert code == 2 and "python -m ngsd_jax.train" in err
 
 
+def test_hub_ids_decode_from_an_offline_cache_as_the_local_directories_do(pair, offline_hub, capsys):
+    base, expert = pair
+    offline_hub("tiny-org/tiny-base", base)
+    offline_hub("tiny-org/tiny-expert", expert)
+    common = ["--prompt", PROMPTS[0], "--reflect", "off", "--alpha", "0.9", "--max-new-tokens", "8", "--json"]
+    code, from_hub, err = _run(capsys, "--base", "tiny-org/tiny-base", "--expert", "tiny-org/tiny-expert", *common)
+    assert code == 0, err
+    code, from_dirs, err = _run(capsys, "--base", base, "--expert", expert, *common)
+    assert code == 0, err
+    assert json.loads(from_hub)["tokens"] == json.loads(from_dirs)["tokens"]
+    code, _, err = _run(capsys, "--base", "tiny-org/not-cached", "--expert", expert, *common)
+    assert code == 2 and err.startswith("error: tiny-org/not-cached: ") and "HF_HUB_OFFLINE" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_unknown_preset_lists_known_ones(capsys):
     code, _, err = _run(capsys, "--preset", "no-such-pair", "--prompt", "hi")
     assert code == 2 and "llama3.1-8b+llama3.2-1b" in err
