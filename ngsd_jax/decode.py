@@ -14,11 +14,8 @@ import argparse
 import csv
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "decode"
 PROMPT_FIELDS = ("prompt", "goal", "Goal", "instruction", "text", "question")
@@ -92,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="force the response to start with TEXT for both models (prefilling attack)")
     models = p.add_argument_group("models")
     models.add_argument("--preset", help=f"a decode preset from decode/ ({', '.join(sorted(x.stem for x in PRESETS_DIR.glob('*.json')))})")
-    models.add_argument("--base", help="base checkpoint: HF directory, .gguf, or converted checkpoint (default: embedded SmolLM2-135M-Instruct)")
-    models.add_argument("--expert", help="expert checkpoint (default: the expert `python -m ngsd_jax.train` builds)")
+    models.add_argument("--base", help="base checkpoint: HF directory, .gguf, converted checkpoint, a name under checkpoints/, or a Hugging Face Hub id ORG/NAME (default: embedded SmolLM2-135M-Instruct)")
+    models.add_argument("--expert", help="expert checkpoint, named like --base (default: the expert `python -m ngsd_jax.train` builds)")
     models.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="parameter dtype (default float32)")
     models.add_argument("--system-prompt", default=None, help="system prompt for the base model")
     models.add_argument("--expert-system-prompt", default=None, help="system prompt for the expert (its own format)")
@@ -173,9 +170,10 @@ def resolve_options(args) -> Options:
 
 def _resolve_models(options: Options) -> tuple[str, str | None]:
     from ngsd_jax.default_model import default_base_path, default_expert_path
+    from ngsd_jax.hub import resolve_checkpoint
 
-    base = _checkpoint_path(options.base) if options.base else str(default_base_path())
-    expert = _checkpoint_path(options.expert) if options.expert else None
+    base = str(resolve_checkpoint(options.base)) if options.base else str(default_base_path())
+    expert = str(resolve_checkpoint(options.expert)) if options.expert else None
     if expert is None and options.mode != "base":
         found = default_expert_path() if options.base is None else None
         if found is None:
@@ -183,19 +181,6 @@ def _resolve_models(options: Options) -> tuple[str, str | None]:
                              "(about 10 minutes on a laptop CPU), pass --expert PATH, or use --mode base")
         expert = str(found)
     return base, expert
-
-
-def _checkpoint_path(name: str) -> str:
-    """A path as given, or else relative to the checkpoints directory (how presets name models)."""
-    from ngsd_jax.default_model import checkpoints_dir
-
-    path = Path(name).expanduser()
-    if path.exists() or path.is_absolute():
-        return str(path)
-    under = checkpoints_dir() / name
-    if under.exists():
-        return str(under)
-    raise UsageError(f"{name}: no such checkpoint here or under {checkpoints_dir()}; convert or download it there")
 
 
 def trace_table(tokenizer, result, row: int) -> str:

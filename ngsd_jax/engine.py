@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -311,15 +312,14 @@ class Engine:
         base_prompt, base_len = pack_prompts(base_prompts, batch, self.pad_id)
         expert_prompt, expert_len = pack_prompts(expert_prompts, batch, self.pad_id)
         stops = self.stop_ids if stop_ids is None else _stop_array(stop_ids)
-        per_row = lambda x: np.resize(np.broadcast_to(np.asarray(x, np.float32), (real,)), (batch,))  # noqa: E731
         inputs = {
             "base_prompt": base_prompt,
             "base_len": base_len,
             "expert_prompt": expert_prompt,
             "expert_len": expert_len,
-            "alpha": per_row(alpha),
-            "temperature": per_row(temperature),
-            "top_p": per_row(top_p),
+            "alpha": _per_row("alpha", alpha, real, batch),
+            "temperature": _per_row("temperature", temperature, real, batch),
+            "top_p": _per_row("top_p", top_p, real, batch),
             "active": np.arange(batch) < real,
             "stop_ids": stops,
             "pad_id": np.int32(self.pad_id),
@@ -345,6 +345,18 @@ class Engine:
         array, lengths = pack_prompts(prompts, bucket_batch(len(prompts)), self.pad_id)
         probabilities = self._prefill_jitted(graph, self.vocab_size, params, array, lengths)
         return np.asarray(jax.device_get(probabilities))[: len(prompts)]
+
+
+def _per_row(name: str, value, real: int, batch: int) -> np.ndarray:
+    """A scalar or one value per prompt as [batch] float32 (padding rows repeat real ones).
+
+    Checked here because inside the program a NaN alpha or temperature silently turns every
+    score of its row into NaN, and a list of the wrong length would be cut or repeated."""
+    array = np.asarray(value, np.float32)
+    if array.ndim:
+        chex.assert_shape(array, (real,), custom_message=f"{name}: give a scalar or one value per prompt")
+    chex.assert_tree_all_finite(array, custom_message=f"{name} must be finite")
+    return np.resize(np.broadcast_to(array, (real,)), (batch,))
 
 
 def _next_token_probabilities(graph, vocab_size, params, prompt, lengths):

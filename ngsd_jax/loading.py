@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,6 +70,30 @@ def map_key(key: str, rules) -> tuple[str, bool] | None:
 def _param_leaves(module: Decoder) -> dict[str, nnx.Variable]:
     """Parameter variables of a module keyed by dotted path ("layers.3.attn.q_proj.kernel")."""
     return {".".join(str(p) for p in path): var for path, var in nnx.iter_graph(module) if isinstance(var, nnx.Param)}
+
+
+def check_parameters(model: Decoder, source: str, dtype=None) -> None:
+    """The model's parameters are exactly the tree and shapes its config defines, in `dtype`
+    (default: the embedding's).
+
+    The contract between every loader or writer and the engine, which compiles against
+    `abstract_decoder(config)`: checked after each load and before each save, so a loader
+    that leaves a tensor out, a restore that pads or casts, or a model still wrapped in LoRA
+    adapters fails here with one line instead of inside XLA or in the next run's restore."""
+    dtype = model.dtype if dtype is None else dtype
+    expected = nnx.to_pure_dict(nnx.state(abstract_decoder(model.config, dtype), nnx.Param))
+    actual = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    paths = lambda tree: {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}  # noqa: E731
+    extra, missing = sorted(paths(actual) - paths(expected)), sorted(paths(expected) - paths(actual))
+    what = f"a {model.config.num_layers}-layer {model.config.model_type} model in {jnp.dtype(dtype).name}"
+    if extra or missing:
+        raise CheckpointError(f"{source}: parameters do not form {what} ({len(extra)} unexpected, e.g. "
+                              f"{(extra or ['none'])[0]}; {len(missing)} missing, e.g. {(missing or ['none'])[0]})")
+    try:
+        chex.assert_trees_all_equal_shapes_and_dtypes(actual, expected)
+    except AssertionError as err:
+        detail = re.sub(r"^\[Chex\] Assertion \w+ failed:\s*", "", " ".join(str(err).split()))
+        raise CheckpointError(f"{source}: parameters do not form {what} as config.json defines it ({detail})") from None
 
 
 def fill_decoder(config: ModelConfig, tensors: Iterator[tuple[str, np.ndarray]], rules, source: str, dtype) -> Decoder:
@@ -283,6 +308,7 @@ def save_params(model: Decoder, directory: str | Path) -> None:
     """Writes the parameters as an orbax checkpoint under directory/params, atomically."""
     import orbax.checkpoint as ocp
 
+    check_parameters(model, f"saving to {directory}")
     target = Path(directory).absolute() / PARAMS_SUBDIR
     staging = target.with_name(target.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
@@ -318,10 +344,13 @@ def load_model(source: str | Path, dtype=jnp.float32) -> Decoder:
     if source.suffix == ".gguf":
         if not source.is_file():
             raise CheckpointError(f"{source}: no such GGUF file")
-        return load_gguf(source, dtype)
-    if source.is_dir() and is_project_checkpoint(source):
-        return load_params(source, dtype)
-    return load_hf(source, dtype)
+        model = load_gguf(source, dtype)
+    elif source.is_dir() and is_project_checkpoint(source):
+        model = load_params(source, dtype)
+    else:
+        model = load_hf(source, dtype)
+    check_parameters(model, str(source), dtype)
+    return model
 
 
 def export_hf(model: Decoder, directory: str | Path, tokenizer=None) -> Path:
@@ -329,6 +358,7 @@ def export_hf(model: Decoder, directory: str | Path, tokenizer=None) -> Path:
     from safetensors.numpy import save_file
 
     directory = Path(directory)
+    check_parameters(model, f"exporting to {directory}")
     tensors = {}
     for path, var in _param_leaves(model).items():
         for pattern, template, transpose in HF_RULES:

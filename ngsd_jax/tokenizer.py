@@ -15,7 +15,8 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported anywhere through us
+# transformers serves only tokenizers here; its import-time "PyTorch was not found" advice does not apply.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 # Literal end-of-turn markers of common chat templates (ChatML, Llama 3, Phi-3, Llama 2, Gemma).
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>", "<end_of_turn>")

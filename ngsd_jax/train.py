@@ -35,8 +35,6 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPES_DIR = REPO_ROOT / "train" / "recipes"
 DEFAULT_RECIPE = "smollm2-135m"
@@ -202,20 +200,6 @@ def build_recipe(args) -> Recipe:
 
 
 # ----------------------------------------------------------------------------- paths
-
-def resolve_checkpoint(name: str) -> Path:
-    """A path as given, else a directory under the checkpoints folder (how recipes name models)."""
-    from ngsd_jax.default_model import checkpoints_dir
-
-    path = Path(name).expanduser()
-    if path.exists():
-        return path
-    under = checkpoints_dir() / name
-    if under.exists():
-        return under
-    raise UsageError(f"{name}: no such checkpoint here or under {checkpoints_dir()}; download or convert it "
-                     f"there, or pass --base/--expert-init PATH")
-
 
 def resolve_data_path(name: str) -> Path:
     """Relative data paths are tried from the current directory, then from the repository root."""
@@ -489,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"recipe name in train/recipes/ or a .json path (default {DEFAULT_RECIPE}); --list-recipes")
     p.add_argument("--list-recipes", action="store_true", help="print the recipes with their descriptions")
     models = p.add_argument_group("models and data (override the recipe)")
-    models.add_argument("--base", help="base model (checkpoint dir, HF dir or .gguf, or a name under checkpoints/)")
+    models.add_argument("--base", help="base model (checkpoint dir, HF dir or .gguf, a name under checkpoints/, or a Hugging Face Hub id ORG/NAME)")
     models.add_argument("--expert-init", help="the expert's starting weights (default: the base)")
     models.add_argument("--data", type=Path, action="append", default=[],
                         help="JSONL of {messages} or {prompt, response} records (repeatable); replaces the "
@@ -551,6 +535,7 @@ def run(args) -> int:
     import jax.numpy as jnp
 
     from ngsd_jax.engine import Engine
+    from ngsd_jax.hub import resolve_checkpoint
     from ngsd_jax.loading import load_model
     from ngsd_jax.tokenizer import compare_vocabularies, load_tokenizer, stop_token_ids
 

@@ -8,11 +8,19 @@ initialisation leaves them at values that would hide a loading bug.
 
 `hf_model(path)` loads (and caches) the transformers model of such a directory in fp32,
 eval mode, as the oracle.
+
+`offline_hub` points the Hugging Face cache at a temporary directory, sets offline mode,
+makes any network connection a test failure, and returns `(repo_id, directory) -> snapshot`,
+which files a local checkpoint into that cache exactly as `huggingface_hub` lays it out.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +124,54 @@ def hf_logits(model: torch.nn.Module, tokens) -> np.ndarray:
 def hf_logits_fixture():
     """The `hf_logits` function, for test files that prefer fixtures to imports."""
     return hf_logits
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An empty, offline Hugging Face cache (and an empty checkpoints folder) for one test.
+
+    Returns `add(repo_id, directory) -> Path`, which lays `directory`'s files out as a
+    download would (blobs/<sha256>, snapshots/<commit>/<file> symlinks, refs/main) and
+    returns the snapshot directory."""
+    from huggingface_hub import constants
+
+    hf_home, checkpoints = tmp_path / "hf_home", tmp_path / "checkpoints"
+    cache = hf_home / "hub"
+    cache.mkdir(parents=True)
+    checkpoints.mkdir()
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("NGSD_CHECKPOINTS", str(checkpoints))
+    # huggingface_hub reads these once, at import, which has already happened.
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    connections = []
+
+    def refuse(self, address, *args, **kwargs):
+        connections.append(address)
+        raise OSError(f"test tried to reach {address}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+    def add(repo_id: str, directory: Path) -> Path:
+        repo = cache / f"models--{repo_id.replace('/', '--')}"
+        commit = hashlib.sha1(repo_id.encode()).hexdigest()
+        snapshot = repo / "snapshots" / commit
+        for source in sorted(Path(directory).rglob("*")):
+            if not source.is_file():
+                continue
+            digest = hashlib.sha256(source.read_bytes()).hexdigest()
+            blob = repo / "blobs" / digest
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, blob)
+            link = snapshot / source.relative_to(directory)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(blob, link.parent))
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+        return snapshot
+
+    add.cache, add.checkpoints = cache, checkpoints
+    yield add
+    assert not connections, f"a test reached the network: {connections}"

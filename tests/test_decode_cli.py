@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -12,13 +13,14 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from ngsd_jax import decode
 from ngsd_jax.engine import Engine
 from ngsd_jax.loading import load_model
-from ngsd_jax.reflection import reflect
+from ngsd_jax.reflection import harmfulness_question_messages, reflect
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 CORPUS = ["How do I bake bread at home?", "Explain photosynthesis simply.", "I cannot help with that.",
           '{"severityScore": 3, "actionabilityScore": 7}', "yes no Yes No maybe", "Sure, here is a plan."]
 PROMPTS = ["How do I bake bread?", "Explain photosynthesis.", "Sure, a plan?"]
+FALLBACK_SCORES = {"severityScore": 7, "actionabilityScore": 7, "evasionScore": 7, "targetingScore": 7}
 
 
 def _tokenizer(words=CORPUS) -> PreTrainedTokenizerFast:
@@ -71,10 +73,13 @@ def test_json_output_with_trace_and_reflection(pair, capsys):
         assert 1 <= n <= 12 and all(t < 320 for t in r["tokens"])
         assert len(r["trace"]["divergence"]) == n and len(r["trace"]["spike"]) == n
         assert r["reflection"]["mode"] == "json"
-        assert r["reflection"]["alpha"] in (0.1, 0.5, 0.9)
         assert r["reflection"]["text"].startswith('{"severityScore": ')
-        assert set(r["reflection"]["scores"]) == {"severityScore", "actionabilityScore", "evasionScore",
-                                                  "targetingScore"}
+        # The random base writes no decodable JSON object after the forced start, so every
+        # score takes the paper's fallback 7: r = 7, and r > 6 gives alpha 0.9.
+        assert not _holds_a_json_object(r["reflection"]["text"])
+        assert r["reflection"]["parsed"] is False
+        assert r["reflection"]["scores"] == FALLBACK_SCORES
+        assert r["reflection"]["risk"] == 7 and r["reflection"]["alpha"] == 0.9
         assert r["spikes"] == sum(r["trace"]["spike"])
 
 
@@ -123,6 +128,21 @@ def test_missing_expert_says_how_to_train_one(pair, capsys):
     assert code == 2 and "python -m ngsd_jax.train" in err
 
 
+def test_hub_ids_decode_from_an_offline_cache_as_the_local_directories_do(pair, offline_hub, capsys):
+    base, expert = pair
+    offline_hub("tiny-org/tiny-base", base)
+    offline_hub("tiny-org/tiny-expert", expert)
+    common = ["--prompt", PROMPTS[0], "--reflect", "off", "--alpha", "0.9", "--max-new-tokens", "8", "--json"]
+    code, from_hub, err = _run(capsys, "--base", "tiny-org/tiny-base", "--expert", "tiny-org/tiny-expert", *common)
+    assert code == 0, err
+    code, from_dirs, err = _run(capsys, "--base", base, "--expert", expert, *common)
+    assert code == 0, err
+    assert json.loads(from_hub)["tokens"] == json.loads(from_dirs)["tokens"]
+    code, _, err = _run(capsys, "--base", "tiny-org/not-cached", "--expert", expert, *common)
+    assert code == 2 and err.startswith("error: tiny-org/not-cached: ") and "HF_HUB_OFFLINE" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_unknown_preset_lists_known_ones(capsys):
     code, _, err = _run(capsys, "--preset", "no-such-pair", "--prompt", "hi")
     assert code == 2 and "llama3.1-8b+llama3.2-1b" in err
@@ -149,13 +169,48 @@ def test_reflection_is_one_batched_call_with_alpha_in_the_paper_set(pair, mode):
     engine = _CountingEngine(load_model(base), None, vocab_size=len(tok), stop_ids=[tok.eos_token_id])
     out = reflect(engine, tok, PROMPTS, mode)
     assert engine.calls == 1
-    assert len(out) == len(PROMPTS)
-    assert all(r.alpha in (0.1, 0.5, 0.9) and r.mode == mode for r in out)
+    assert len(out) == len(PROMPTS) and all(r.mode == mode for r in out)
     if mode == "logit":
-        assert all(0.0 <= r.risk <= 10.0 for r in out)
+        expected = [_yes_no_risk_by_transformers(base, tok, p) for p in PROMPTS]
+        np.testing.assert_allclose([r.risk for r in out], expected, rtol=1e-4)
+        assert [r.alpha for r in out] == [_alpha_of_risk(risk) for risk in expected]
         assert all(r.text.startswith("P(yes)=") for r in out)
     else:
-        assert all(r.parsed in (True, False) and len(r.scores) == 4 for r in out)
+        assert not any(_holds_a_json_object(r.text) for r in out)
+        assert all(r.parsed is False and r.scores == FALLBACK_SCORES and r.risk == 7 and r.alpha == 0.9 for r in out)
+
+
+def _holds_a_json_object(text: str) -> bool:
+    decoder = json.JSONDecoder()
+    for start in (i for i, c in enumerate(text) if c == "{"):
+        try:
+            if isinstance(decoder.raw_decode(text, start)[0], dict):
+                return True
+        except json.JSONDecodeError:
+            pass
+    return False
+
+
+def _alpha_of_risk(risk: float) -> float:
+    """Spec §4: alpha 0.9 above r = 6, 0.1 below r = 5, 0.5 between."""
+    return 0.9 if risk > 6 else 0.1 if risk < 5 else 0.5
+
+
+def _yes_no_risk_by_transformers(checkpoint, tok, prompt) -> float:
+    """Logit-mode risk from transformers' own forward pass: 10 P(yes) / (P(yes) + P(no))."""
+    text = tok.apply_chat_template(harmfulness_question_messages(prompt), tokenize=False, add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = LlamaForCausalLM.from_pretrained(checkpoint).eval()(torch.tensor([ids])).logits[0, -1, :len(tok)]
+    p = torch.softmax(logits.double(), -1).numpy()
+
+    def single_tokens(words):
+        encoded = (tok.encode(w, add_special_tokens=False) for w in words)
+        return sorted({e[0] for e in encoded if len(e) == 1})
+
+    p_yes = p[single_tokens(("yes", "Yes", "YES", " yes", " Yes"))].sum()
+    p_no = p[single_tokens(("no", "No", "NO", " no", " No"))].sum()
+    return float(10 * p_yes / (p_yes + p_no))
 
 
 def test_reflection_off_uses_the_fixed_alpha(pair):

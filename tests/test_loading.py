@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import chex
 import gguf
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,8 @@ from safetensors.numpy import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from ngsd_jax.config import ConfigError
-from ngsd_jax.loading import CheckpointError, export_hf, load_model, save_params
+from ngsd_jax.loading import CheckpointError, check_parameters, export_hf, load_model, save_params
+from ngsd_jax.lora import apply_lora
 from ngsd_jax.model import init_cache
 
 from conftest import hf_logits
@@ -99,12 +101,38 @@ def test_orbax_round_trip_is_exact(make_tiny_hf, tmp_path):
     save_params(model, directory)  # overwriting an existing conversion works too
 
     restored = load_model(directory)
-    before, after = _params(model), _params(restored)
-    assert before.keys() == after.keys() and len(before) > 10
-    for key in before:
-        assert after[key].dtype == before[key].dtype
-        np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+    before, after = _pure(model), _pure(restored)
+    assert len(jax.tree.leaves(before)) > 10
+    chex.assert_trees_all_equal_shapes_and_dtypes(after, before)
+    chex.assert_trees_all_equal(after, before)
     np.testing.assert_array_equal(_ours_logits(restored), _ours_logits(model))
+
+
+def _pure(model):
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def test_loaded_and_saved_parameters_must_form_the_configured_model(make_tiny_hf, tmp_path):
+    source = make_tiny_hf("llama")
+    half = load_model(source, jnp.bfloat16)
+    assert {leaf.dtype for leaf in jax.tree.leaves(_pure(half))} == {jnp.dtype(jnp.bfloat16)}
+
+    model = load_model(source)
+    kernel = model.layers[1].mlp.up_proj.kernel
+    kernel.set_value(kernel[...].astype(jnp.bfloat16))  # one tensor in another dtype
+    with pytest.raises(CheckpointError, match=r"^x: parameters do not form a 2-layer llama model in float32 .*"
+                                              r"'layers/1/mlp/up_proj/kernel'.*bfloat16 != float32"):
+        check_parameters(model, "x")
+    kernel.set_value(kernel[...].astype(jnp.float32)[:, :-1])  # a column short of config.json
+    with pytest.raises(CheckpointError, match=r"'layers/1/mlp/up_proj/kernel'.*shapes"):
+        check_parameters(model, "x")
+
+    adapted = load_model(source)
+    apply_lora(adapted, rank=2, alpha=4.0)  # not merged: must not be saved as a plain model
+    with pytest.raises(CheckpointError, match=r"saving to .*: parameters do not form .* unexpected, e\.g\. "
+                                              r"\['layers'\]\[0\]\['attn'\]\['q_proj'\]\['base'\]\['kernel'\]"):
+        save_params(adapted, tmp_path)
+    assert not (tmp_path / "params").exists()
 
 
 def test_sharded_checkpoint_loads(make_tiny_hf, hf_model, tmp_path):

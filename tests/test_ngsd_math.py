@@ -146,11 +146,19 @@ def test_union_merge_selects_exactly_k_under_ties():
     np.testing.assert_array_equal(scores[2:4], p_b[0, 2:4])
 
 
+# Worked by hand from P_B and P_E: on the union {0, 1, 4, 5}, p_b + alpha * (p_e - p_b).
+MERGED_BY_HAND = {
+    0.5: [0.40 - 0.5 * 0.35, 0.30 - 0.5 * 0.25, 0.10, 0.10, 0.06 + 0.5 * 0.54, 0.04 + 0.5 * 0.11],
+    0.9: [0.40 - 0.9 * 0.35, 0.30 - 0.9 * 0.25, 0.10, 0.10, 0.06 + 0.9 * 0.54, 0.04 + 0.9 * 0.11],
+}
+
+
 def test_ngsd_scores_follow_the_spike():
-    p_b, p_e = np.stack([P_B, P_B]), np.stack([P_E, P_E])
-    scores = ngsd.ngsd_scores(p_b, p_e, jnp.array([False, True]), jnp.array([0.9, 0.9]), k=2)
+    p_b, p_e = np.stack([P_B] * 3), np.stack([P_E] * 3)
+    scores = np.asarray(ngsd.ngsd_scores(p_b, p_e, jnp.array([False, True, True]), jnp.array([0.9, 0.5, 0.9]), k=2))
     np.testing.assert_array_equal(scores[0], P_B)
-    np.testing.assert_array_equal(scores[1], ngsd.union_top_k_merge(P_B[None], P_E[None], 0.9, k=2)[0])
+    np.testing.assert_allclose(scores[1], MERGED_BY_HAND[0.5], rtol=1e-6)
+    np.testing.assert_allclose(scores[2], MERGED_BY_HAND[0.9], rtol=1e-6)
 
 
 # --- SafeDecoding ----------------------------------------------------------------------
@@ -208,18 +216,20 @@ def test_safedecoding_matches_the_reference_loop():
         np.testing.assert_allclose(scores[row], expected, rtol=1e-4, atol=1e-9)
 
 
-def test_scores_compile_with_traced_alpha_and_spike():
-    p_b, p_e = random_distributions(3, 40), random_distributions(3, 40)
-    alpha, spike = jnp.array([0.1, 0.5, 0.9]), jnp.array([True, False, True])
+def test_compiled_scores_with_traced_alpha_and_spike_per_row():
+    # One program for every row: alpha and spike are traced arrays, not constants folded in,
+    # so each row must still get its own alpha and its own gate.
+    p_b, p_e = np.stack([P_B] * 3), np.stack([P_E] * 3)
     ngsd_jit = jax.jit(ngsd.ngsd_scores, static_argnames="k")
-    safe_jit = jax.jit(ngsd.safedecoding_scores, static_argnames="min_common")
+    scores = np.asarray(ngsd_jit(p_b, p_e, jnp.array([True, False, True]), jnp.array([0.5, 0.9, 0.9]), k=2))
     # Compiled code may fuse p_b + alpha * (p_e - p_b) into an FMA: equal up to an ulp.
-    np.testing.assert_allclose(
-        ngsd_jit(p_b, p_e, spike, alpha, k=4), ngsd.ngsd_scores(p_b, p_e, spike, alpha, 4), rtol=1e-6
-    )
-    np.testing.assert_allclose(
-        safe_jit(p_b, p_e, alpha, min_common=5), ngsd.safedecoding_scores(p_b, p_e, alpha, 5), rtol=1e-6
-    )
+    np.testing.assert_allclose(scores, [MERGED_BY_HAND[0.5], P_B, MERGED_BY_HAND[0.9]], rtol=1e-6)
+
+    safe_jit = jax.jit(ngsd.safedecoding_scores, static_argnames="min_common")
+    alphas = np.array([0.5, 3.0], np.float32)
+    steered = np.asarray(safe_jit(np.stack([SD_B] * 2), np.stack([SD_E] * 2), jnp.asarray(alphas), min_common=3))
+    for row, alpha in enumerate(alphas):
+        np.testing.assert_allclose(steered[row], reference_safedecoding(SD_B, SD_E, alpha, 3), rtol=1e-4, atol=1e-9)
 
 
 # --- token choice ----------------------------------------------------------------------

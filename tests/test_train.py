@@ -202,17 +202,27 @@ def test_loss_on_gathered_targets_equals_the_loss_over_all_positions():
 def test_matching_the_starting_model_costs_nothing_at_the_start_and_keeps_it_close(tiny_checkpoint, tmp_path):
     """Records with match_teacher learn the starting model's own distributions: their loss starts
     at 0, and training on them beside ordinary records keeps it far below those records' loss."""
-    data = tmp_path / "mixed.jsonl"
-    lines = [json.dumps({"prompt": p, "response": r, "match_teacher": i % 2 == 0}) for i, (p, r) in enumerate(PAIRS)]
-    data.write_text("\n".join(lines) + "\n")
-    assert train.main(train_args(tiny_checkpoint, data, tmp_path, "--epochs", "3", "--batch-size", "1",
+    def write(path, match_teacher):
+        path.write_text("".join(json.dumps({"prompt": p, "response": r, "match_teacher": match_teacher(i)}) + "\n"
+                                for i, (p, r) in enumerate(PAIRS)))
+        return path
+
+    # At the start: on match_teacher records alone the first step, whichever batch it is,
+    # measures the starting model against itself, before any update.
+    only_kl = write(tmp_path / "only_kl.jsonl", lambda i: True)
+    assert train.main(train_args(tiny_checkpoint, only_kl, tmp_path / "start", "--epochs", "1", "--batch-size", "1",
+                                 "--set", "max_steps=1")) == 0
+    first = json.loads((tmp_path / "start" / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 1 and first["ce"] is None
+    assert abs(first["kl"]) < 1e-5
+
+    mixed = write(tmp_path / "mixed.jsonl", lambda i: i % 2 == 0)
+    assert train.main(train_args(tiny_checkpoint, mixed, tmp_path, "--epochs", "3", "--batch-size", "1",
                                  "--lr", "1e-2")) == 0
     log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     kl = [entry["kl"] for entry in log if entry["kl"] is not None]  # batch 1: a step is all KL or all CE
     ce = [entry["ce"] for entry in log if entry["ce"] is not None]
     assert len(kl) == len(ce) == 9
-    first_kl_step = next(entry["step"] for entry in log if entry["kl"] is not None)
-    assert first_kl_step > 1 or abs(kl[0]) < 1e-5  # nothing to learn before the first update
     assert max(kl) < 0.5 * min(ce)
 
 
