@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--expert-system-prompt", default=None, help="system prompt for the expert (its own format)")
     models.add_argument("--chat-template", default=None, help="Jinja template (string or .jinja file) for the base")
     models.add_argument("--expert-chat-template", default=None, help="Jinja template for the expert")
+    models.add_argument("--thinking", action="store_true", default=None,
+                        help="render chat prompts with enable_thinking=True (Qwen3 then may think in <think> blocks, "
+                             "which the gate would run over); off by default, as the reference runs Qwen3")
     dec = p.add_argument_group("decoding")
     dec.add_argument("--mode", choices=MODES, default=None, help="ngsd (default), base, expert, always, safedecoding")
     dec.add_argument("--reflect", choices=REFLECT_MODES, default=None,
@@ -155,6 +158,7 @@ class Options:
     safedecoding_alpha: float = 3.0
     safedecoding_common: int = 5
     early_stop: bool = False
+    thinking: bool = False
 
 
 def resolve_options(args) -> Options:
@@ -264,13 +268,14 @@ def run(args) -> int:
     progress = tqdm(total=len(prompts), unit="prompt", disable=len(batches) == 1 or not sys.stderr.isatty(),
                     desc=f"decoding ({options.mode})")
     for batch in batches:
-        reflections = reflect(engine, base_tok, batch, reflect_mode, options.alpha, options.chat_template)
-        base_prompts = [encode_chat(base_tok, p, options.system_prompt, options.chat_template, args.prefill)
-                        for p in batch]
+        reflections = reflect(engine, base_tok, batch, reflect_mode, options.alpha, options.chat_template,
+                              thinking=options.thinking)
+        base_prompts = [encode_chat(base_tok, p, options.system_prompt, options.chat_template, args.prefill,
+                                    thinking=options.thinking) for p in batch]
         expert_prompts = None
         if expert_tok is not None:
             expert_prompts = [encode_chat(expert_tok, p, options.expert_system_prompt, options.expert_chat_template,
-                                          args.prefill) for p in batch]
+                                          args.prefill, thinking=options.thinking) for p in batch]
         result = engine.decode(base_prompts if uses_base else expert_prompts, expert_prompts, settings,
                                alpha=[r.alpha for r in reflections], temperature=args.temperature,
                                top_p=args.top_p, seed=args.seed)

@@ -254,12 +254,13 @@ def _closing_brace_ids(tokenizer) -> list[int]:
 
 
 def reflect(engine, tokenizer, requests: list[str], mode: str = "json", fixed_alpha: float = 0.5,
-            chat_template=None) -> list[Reflection]:
+            chat_template=None, thinking: bool = False) -> list[Reflection]:
     """Rates a batch of user requests with the engine's base model, in one batched call.
 
     json: greedy generation of the rating (<= 64 tokens, stopping at the first '}' or an
     end-of-turn token); logit: one prefill, P(yes) vs P(no) for the next token; off: every
-    prompt gets `fixed_alpha`.
+    prompt gets `fixed_alpha`. `thinking` is the chat template's `enable_thinking` (off, as
+    the reference rates with Qwen3).
     """
     from ngsd_jax.engine import DecodeSettings
     from ngsd_jax.tokenizer import encode_chat, stop_token_ids
@@ -272,7 +273,7 @@ def reflect(engine, tokenizer, requests: list[str], mode: str = "json", fixed_al
     def encode(messages, prefix=""):
         system, user = messages
         return encode_chat(tokenizer, user["content"], system_prompt=system["content"], chat_template=chat_template,
-                           response_prefix=prefix)
+                           response_prefix=prefix, thinking=thinking)
 
     if mode == "logit":
         distribution = engine.next_token_distribution([encode(harmfulness_question_messages(r)) for r in requests])

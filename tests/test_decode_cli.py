@@ -161,3 +161,37 @@ def test_reflection_is_one_batched_call_with_alpha_in_the_paper_set(pair, mode):
 def test_reflection_off_uses_the_fixed_alpha(pair):
     out = reflect(None, None, PROMPTS, "off", fixed_alpha=0.9)
     assert [r.alpha for r in out] == [0.9] * len(PROMPTS)
+
+
+# Qwen3's way of turning thinking off: an empty think block after the generation prompt.
+THINKING_TEMPLATE = CHATML + ("{% if add_generation_prompt and enable_thinking is defined and enable_thinking is false %}"
+                              "<think>\n\n</think>\n\n{% endif %}")
+
+
+@pytest.mark.parametrize("flags, reflect_mode, think_block",
+                         [((), "json", True), ((), "logit", True), (("--thinking",), "json", False)])
+def test_prompts_render_thinking_off_unless_asked(pair, capsys, monkeypatch, flags, reflect_mode, think_block):
+    base, expert = pair
+    seen = []
+    real_decode, real_distribution = Engine.decode, Engine.next_token_distribution
+
+    def record_decode(self, base_prompts, expert_prompts=None, *args, **kwargs):
+        seen.extend(base_prompts + (expert_prompts or []))
+        return real_decode(self, base_prompts, expert_prompts, *args, **kwargs)
+
+    def record_distribution(self, prompts, *args, **kwargs):
+        seen.extend(prompts)
+        return real_distribution(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "decode", record_decode)
+    monkeypatch.setattr(Engine, "next_token_distribution", record_distribution)
+    tok = PreTrainedTokenizerFast.from_pretrained(base)
+    code, _, err = _run(capsys, "--base", base, "--expert", expert, "--prompt", PROMPTS[0], "--max-new-tokens", "2",
+                        "--reflect", reflect_mode, "--chat-template", THINKING_TEMPLATE,
+                        "--expert-chat-template", THINKING_TEMPLATE, *flags)
+    assert code == 0, err
+    assert len(seen) == 3  # reflection, then the base and expert decode prompts
+    for ids in seen:
+        text = tok.decode(ids)
+        assert ("<think>\n\n</think>" in text) is think_block, text
+        assert text.count("<|im_start|>assistant") == 1
