@@ -114,9 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--seed", type=int, default=0)
     dec.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
     dec.add_argument("--early-stop", action="store_true", default=None,
-                     help="the reference's early-stop heuristic (spec §5; off by default): from 128 tokens, "
-                          "when alpha >= 0.5, a refusal phrase, trailing spaces, emoji or control characters "
-                          "in the last 64 tokens cap the answer at +128 tokens, ending at a sentence end")
+                     help="the reference's early-stop heuristic (spec §5; off by default): at 133, 140, ..., 252 "
+                          "tokens, when alpha >= 0.5, a refusal phrase, 3 trailing spaces, an emoji or a control "
+                          "character (newline included) in the last 64 tokens caps the answer at +128 tokens, "
+                          "ending at a sentence end")
     gate = p.add_argument_group("gate (spec defaults)")
     gate.add_argument("--tau", type=float, default=None, help="neuron time constant (8)")
     gate.add_argument("--threshold", type=float, default=None, help="firing threshold (1.0)")

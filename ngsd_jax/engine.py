@@ -231,7 +231,7 @@ def _decode(base_graph, expert_graph, settings: DecodeSettings, vocab_size: int,
         )
         if settings.early_stop:
             stop, cap, triggered = es.early_stop_step(inputs["early_stop"], settings.early_stop_rule, new.tokens,
-                                                      s.step + 1, token, alpha, s.cap, s.triggered, live)
+                                                      s.step + 1, alpha, s.cap, s.triggered, live)
             new = new._replace(done=new.done | stop, cap=cap, triggered=triggered)
         return new
 
