@@ -81,7 +81,7 @@ def load_preset(name: str) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     from ngsd_jax.engine import MODES
-    from ngsd_jax.reflection import REFLECT_MODES
+    from ngsd_jax.reflection import REFLECT_MODES, REFLECT_PARSERS
 
     p = argparse.ArgumentParser(prog="python -m ngsd_jax.decode", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -107,6 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--reflect", choices=REFLECT_MODES, default=None,
                      help="how alpha is set: json (the paper's self-reflection, default), logit, off (use --alpha)")
     dec.add_argument("--alpha", type=float, default=None, help="expert pull when --reflect off (default 0.5)")
+    dec.add_argument("--reflect-parse", choices=REFLECT_PARSERS, default=None,
+                     help="how the json rating is read: lenient (ours, default: the first object holding a key, "
+                          "keys in any case, values clipped to 0..10, generation ends at the first '}') or "
+                          "reference (the paper's: the first decodable object or list, int() values, no clipping, "
+                          "the whole answer generated)")
+    dec.add_argument("--reflect-prefix", action=argparse.BooleanOptionalAction, default=None,
+                     help='start the json rating for the model with {"severityScore": (default on, so that small '
+                          "bases rate instead of answering; the paper: --no-reflect-prefix)")
+    dec.add_argument("--reflect-max-new-tokens", type=int, default=None,
+                     help="budget of the json rating (default 64; the paper's: 256)")
+    dec.add_argument("--reflect-all-zero-risk", type=int, default=None, metavar="R",
+                     help="risk when all four scores are 0 (default: none, S is raised to 1 as the reference does "
+                          "for every base but Vicuna; the reference's for Vicuna: 10)")
     dec.add_argument("--max-new-tokens", type=int, default=None, help="default 128")
     dec.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     dec.add_argument("--top-p", type=float, default=1.0)
@@ -125,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("--v-reset", type=float, default=None, help="reset potential (0.0)")
     gate.add_argument("--merge-top-k", type=int, default=None, help="K of the union-top-K merge (64)")
     gate.add_argument("--divergence", choices=("tv", "kl", "js"), default=None, help="tv (default), kl, js")
+    gate.add_argument("--softmax-over", choices=("tokenizer", "embedding"), default=None,
+                      help="next-token distributions over the tokenizer's tokens (default: embedding rows past "
+                           "them are padding) or over every embedding row (the paper's)")
     gate.add_argument("--safedecoding-m", type=int, default=None, help="SafeDecoding: steered tokens (2)")
     gate.add_argument("--safedecoding-alpha", type=float, default=None, help="SafeDecoding: alpha (3)")
     gate.add_argument("--safedecoding-common", type=int, default=None, help="SafeDecoding: common tokens c (5)")
@@ -160,6 +176,11 @@ class Options:
     safedecoding_common: int = 5
     early_stop: bool = False
     thinking: bool = False
+    reflect_parse: str = "lenient"
+    reflect_prefix: bool = True
+    reflect_max_new_tokens: int = 64
+    reflect_all_zero_risk: int | None = None
+    softmax_over: str = "tokenizer"
 
 
 def resolve_options(args) -> Options:
@@ -201,6 +222,18 @@ def _checkpoint_path(name: str) -> str:
     if under.exists():
         return str(under)
     raise UsageError(f"{name}: no such checkpoint here or under {checkpoints_dir()}; convert or download it there")
+
+
+def _distribution_size(softmax_over: str, tokenizer_size: int, base, expert) -> int:
+    """How many logits the next-token distributions cover: the tokenizer's tokens, or every
+    embedding row (the reference's softmax), which the models in use must then agree on."""
+    if softmax_over == "tokenizer":
+        return tokenizer_size
+    rows = {name: model.config.vocab_size for name, model in (("base", base), ("expert", expert)) if model is not None}
+    if len(set(rows.values())) > 1:
+        raise UsageError(f"--softmax-over embedding: the base has {rows['base']} embedding rows and the expert "
+                         f"{rows['expert']}; use --softmax-over tokenizer")
+    return next(iter(rows.values()))
 
 
 def trace_table(tokenizer, result, row: int) -> str:
@@ -253,10 +286,11 @@ def run(args) -> int:
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[options.dtype]
     base = load_model(base_path, dtype) if uses_base else None
     expert = load_model(expert_path, dtype) if uses_expert else None
-    engine = Engine(base, expert, vocab_size=len(base_tok),
+    vocab_size = _distribution_size(options.softmax_over, len(base_tok), base, expert)
+    engine = Engine(base, expert, vocab_size=vocab_size,
                     stop_ids=stop_token_ids(base_tok, (base or expert).config, options.chat_template),
                     pad_id=base_tok.pad_token_id or 0,
-                    early_stop_tables=early_stop_tables(base_tok, len(base_tok)) if options.early_stop else None)
+                    early_stop_tables=early_stop_tables(base_tok, vocab_size) if options.early_stop else None)
     settings = DecodeSettings(
         mode=options.mode, max_new_tokens=options.max_new_tokens, sampling_top_k=args.top_k,
         gate=GateConfig(tau=options.tau, threshold=options.threshold, v_reset=options.v_reset,
@@ -270,7 +304,9 @@ def run(args) -> int:
                     desc=f"decoding ({options.mode})")
     for batch in batches:
         reflections = reflect(engine, base_tok, batch, reflect_mode, options.alpha, options.chat_template,
-                              thinking=options.thinking)
+                              thinking=options.thinking, parser=options.reflect_parse, prefix=options.reflect_prefix,
+                              max_new_tokens=options.reflect_max_new_tokens,
+                              all_zero_risk=options.reflect_all_zero_risk)
         base_prompts = [encode_chat(base_tok, p, options.system_prompt, options.chat_template, args.prefill,
                                     thinking=options.thinking) for p in batch]
         expert_prompts = None

@@ -10,9 +10,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from ngsd_jax import decode
-from ngsd_jax.engine import Engine
+from ngsd_jax.engine import DecodeSettings, Engine
 from ngsd_jax.loading import load_model
-from ngsd_jax.reflection import reflect
+from ngsd_jax.reflection import RATING_PREFIX, reflect
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -32,10 +32,10 @@ def _tokenizer(words=CORPUS) -> PreTrainedTokenizerFast:
                                    chat_template=CHATML)
 
 
-def _checkpoint(path, tokenizer, seed):
+def _checkpoint(path, tokenizer, seed, rows=384):
     torch.manual_seed(seed)
     # 384 embedding rows for a ~320-token tokenizer: padded rows must never be chosen.
-    config = LlamaConfig(vocab_size=384, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=rows, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
                          eos_token_id=tokenizer.eos_token_id)
     LlamaForCausalLM(config).save_pretrained(path)
@@ -195,3 +195,59 @@ def test_prompts_render_thinking_off_unless_asked(pair, capsys, monkeypatch, fla
         text = tok.decode(ids)
         assert ("<think>\n\n</think>" in text) is think_block, text
         assert text.count("<|im_start|>assistant") == 1
+
+
+def _recording(monkeypatch):
+    """Engine.decode records (settings, stop_ids, base prompts, engine vocabulary) of every call."""
+    calls = []
+    real_decode = Engine.decode
+
+    def record(self, base_prompts, expert_prompts=None, settings=DecodeSettings(), **kwargs):
+        calls.append((settings, kwargs.get("stop_ids"), [list(p) for p in base_prompts], self.vocab_size))
+        return real_decode(self, base_prompts, expert_prompts, settings, **kwargs)
+
+    monkeypatch.setattr(Engine, "decode", record)
+    return calls
+
+
+@pytest.mark.parametrize("flags, paper", [((), False), (("--reflect-parse", "reference", "--no-reflect-prefix",
+                                                        "--reflect-max-new-tokens", "9", "--softmax-over",
+                                                        "embedding"), True)])
+def test_reflection_and_softmax_flags(pair, capsys, monkeypatch, flags, paper):
+    base, expert = pair
+    calls = _recording(monkeypatch)
+    tok = PreTrainedTokenizerFast.from_pretrained(base)
+    prefix_ids = tok.encode(RATING_PREFIX, add_special_tokens=False)
+    brace_ids = {i for token, i in tok.get_vocab().items() if "}" in token}
+    code, out, err = _run(capsys, "--base", base, "--expert", expert, "--prompt", PROMPTS[0], "--max-new-tokens", "3",
+                          "--reflect", "json", "--json", *flags)
+    assert code == 0, err
+    (rating, rating_stops, rating_prompts, vocab), answer = calls[0], calls[1]
+    assert rating.mode == "base" and answer[0].mode == "ngsd"
+    assert rating.max_new_tokens == (9 if paper else 64)
+    assert brace_ids.isdisjoint(rating_stops) is paper  # the reference parser reads the whole answer
+    assert (rating_prompts[0][-len(prefix_ids):] == prefix_ids) is not paper
+    assert json.loads(out)["reflection"]["text"].startswith(RATING_PREFIX) is not paper
+    assert vocab == (384 if paper else len(tok))
+
+
+def test_softmax_over_embedding_needs_equal_rows(pair, tmp_path, capsys):
+    base, _ = pair
+    other = _checkpoint(tmp_path / "rows352", PreTrainedTokenizerFast.from_pretrained(base), 2, rows=352)
+    capsys.readouterr()
+    code, _, err = _run(capsys, "--base", base, "--expert", str(other), "--prompt", "hi", "--reflect", "off",
+                        "--softmax-over", "embedding")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "base has 384 embedding rows and the expert 352" in err and "--softmax-over tokenizer" in err
+
+
+@pytest.mark.parametrize("preset", ["llama2-7b-chat+tinyllama", "llama3.1-8b+llama3.2-1b", "qwen3-8b+qwen3-1.7b",
+                                    "vicuna-7b+tinyllama"])
+def test_paper_presets_select_the_paper_settings(preset):
+    options = decode.resolve_options(decode.build_parser().parse_args(["--preset", preset]))
+    assert (options.reflect, options.reflect_parse, options.reflect_prefix, options.reflect_max_new_tokens,
+            options.softmax_over, options.thinking, options.early_stop) == (
+        "json", "reference", False, 256, "embedding", False, False)
+    assert options.reflect_all_zero_risk == (10 if preset.startswith("vicuna") else None)
+    assert (options.tau, options.threshold, options.soft_reset, options.v_reset, options.merge_top_k,
+            options.divergence) == (8.0, 1.0, 0.6, 0.0, 64, "tv")
