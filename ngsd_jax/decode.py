@@ -197,11 +197,41 @@ def resolve_options(args) -> Options:
     return options
 
 
+GATE_FLAGS = {"tau": "--tau", "threshold": "--threshold", "soft_reset": "--soft-reset", "v_reset": "--v-reset",
+              "top_k": "--merge-top-k", "divergence": "--divergence"}
+
+
+def check_options(options: Options, args) -> None:
+    """Refuses settings that would fail or run meaninglessly, before any model is read."""
+    from ngsd_jax.ngsd import gate_problem
+
+    gate = {field: getattr(options, "merge_top_k" if field == "top_k" else field) for field in GATE_FLAGS}
+    problem = gate_problem(gate, GATE_FLAGS)
+    checks = [
+        (problem is None, problem),
+        (args.batch_size >= 1, "--batch-size must be >= 1"),
+        (0 < args.top_p <= 1, "--top-p must lie in (0, 1]"),
+        (args.temperature >= 0, "--temperature must be >= 0"),
+        (args.top_k >= 0, "--top-k must be >= 0 (0 = off)"),
+        (options.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
+        (0 <= options.alpha <= 1, f"--alpha must lie in [0, 1] (got {options.alpha})"),
+        (options.reflect_max_new_tokens >= 1, "--reflect-max-new-tokens must be >= 1"),
+        (options.reflect_all_zero_risk is None or 0 <= options.reflect_all_zero_risk <= 10,
+         "--reflect-all-zero-risk must lie in 0..10"),
+        (options.safedecoding_m >= 0, "--safedecoding-m must be >= 0"),
+        (options.safedecoding_common >= 1, "--safedecoding-common must be >= 1"),
+        (options.safedecoding_alpha >= 0, "--safedecoding-alpha must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+
+
 def _resolve_models(options: Options) -> tuple[str, str | None]:
     from ngsd_jax.default_model import default_base_path, default_expert_path
 
-    base = _checkpoint_path(options.base) if options.base else str(default_base_path())
-    expert = _checkpoint_path(options.expert) if options.expert else None
+    base = _checkpoint_path(options.base, "base") if options.base else str(default_base_path())
+    expert = _checkpoint_path(options.expert, "expert") if options.expert else None
     if expert is None and options.mode != "base":
         found = default_expert_path() if options.base is None else None
         if found is None:
@@ -211,17 +241,19 @@ def _resolve_models(options: Options) -> tuple[str, str | None]:
     return base, expert
 
 
-def _checkpoint_path(name: str) -> str:
+def _checkpoint_path(name: str, role: str) -> str:
     """A path as given, or else relative to the checkpoints directory (how presets name models)."""
     from ngsd_jax.default_model import checkpoints_dir
 
     path = Path(name).expanduser()
-    if path.exists() or path.is_absolute():
+    if path.exists():
         return str(path)
     under = checkpoints_dir() / name
-    if under.exists():
+    if not path.is_absolute() and under.exists():
         return str(under)
-    raise UsageError(f"{name}: no such checkpoint here or under {checkpoints_dir()}; convert or download it there")
+    where = "" if path.is_absolute() else f" here or under {checkpoints_dir()}"
+    raise UsageError(f"{role} model {name}: no such checkpoint{where}; pass --{role} with a HF directory, a .gguf "
+                     f"file or a converted checkpoint")
 
 
 def _distribution_size(softmax_over: str, tokenizer_size: int, base, expert) -> int:
@@ -260,9 +292,8 @@ def run(args) -> int:
     prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
     if not prompts:
         raise UsageError("no prompts: give --prompt TEXT or --prompts-file FILE")
-    if args.batch_size < 1 or args.top_p <= 0 or args.top_p > 1 or args.temperature < 0:
-        raise UsageError("need --batch-size >= 1, 0 < --top-p <= 1 and --temperature >= 0")
     options = resolve_options(args)
+    check_options(options, args)
 
     import jax.numpy as jnp
     from tqdm import tqdm

@@ -251,3 +251,49 @@ def test_paper_presets_select_the_paper_settings(preset):
     assert options.reflect_all_zero_risk == (10 if preset.startswith("vicuna") else None)
     assert (options.tau, options.threshold, options.soft_reset, options.v_reset, options.merge_top_k,
             options.divergence) == (8.0, 1.0, 0.6, 0.0, 64, "tv")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--tau", "0"), "--tau must be >= 1"),
+    (("--tau", "0.5"), "--tau must be >= 1"),
+    (("--threshold", "-1"), "--threshold must be > 0"),
+    (("--threshold", "0"), "--threshold must be > 0"),
+    (("--merge-top-k", "0"), "--merge-top-k must be >= 1"),
+    (("--soft-reset", "1.5"), "--soft-reset must lie in [0, 1]"),
+    (("--v-reset", "1"), "--v-reset must be below --threshold"),
+    (("--alpha", "1.5"), "--alpha must lie in [0, 1]"),
+    (("--alpha", "-0.1"), "--alpha must lie in [0, 1]"),
+    (("--max-new-tokens", "0"), "--max-new-tokens must be >= 1"),
+    (("--reflect-max-new-tokens", "0"), "--reflect-max-new-tokens must be >= 1"),
+    (("--reflect-all-zero-risk", "11"), "--reflect-all-zero-risk must lie in 0..10"),
+    (("--safedecoding-common", "0"), "--safedecoding-common must be >= 1"),
+    (("--top-p", "0"), "--top-p must lie in (0, 1]"),
+    (("--top-k", "-1"), "--top-k must be >= 0"),
+])
+def test_bad_settings_fail_in_one_line(pair, capsys, flags, message):
+    base, expert = pair
+    code, out, err = _run(capsys, "--base", base, "--expert", expert, "--prompt", "hi", *flags)
+    lines = err.strip().splitlines()
+    assert code == 2 and out == ""
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+
+
+def test_merge_top_k_past_the_vocabulary_merges_every_token(pair, capsys):
+    base, expert = pair
+    outputs = []
+    for k in ("100000", "320"):  # the tokenizer has fewer than 320 tokens: both select every token
+        code, out, err = _run(capsys, "--base", base, "--expert", expert, "--prompt", PROMPTS[0], "--mode", "always",
+                              "--reflect", "off", "--alpha", "0.9", "--merge-top-k", k, "--max-new-tokens", "6",
+                              "--json")
+        assert code == 0, err
+        outputs.append(json.loads(out)["tokens"])
+    assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize("role", ["base", "expert"])
+def test_a_missing_checkpoint_is_named(pair, capsys, role):
+    base, expert = pair
+    paths = {"base": base, "expert": expert, role: "/no/such/dir"}
+    code, _, err = _run(capsys, "--base", paths["base"], "--expert", paths["expert"], "--prompt", "hi")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"{role} model /no/such/dir: no such checkpoint" in err and "ngsd_jax.train" not in err
