@@ -251,9 +251,11 @@ def _checkpoint_path(name: str, role: str) -> str:
     under = checkpoints_dir() / name
     if not path.is_absolute() and under.exists():
         return str(under)
-    where = "" if path.is_absolute() else f" here or under {checkpoints_dir()}"
-    raise UsageError(f"{role} model {name}: no such checkpoint{where}; pass --{role} with a HF directory, a .gguf "
-                     f"file or a converted checkpoint")
+    if path.is_absolute():
+        raise UsageError(f"{role} model {name}: no such checkpoint; pass --{role} with a HF directory, a .gguf "
+                         f"file or a converted checkpoint")
+    raise UsageError(f"{role} model {name}: no such checkpoint here or under {checkpoints_dir()}; convert or "
+                     f"download it there, or pass --{role} PATH")
 
 
 def _distribution_size(softmax_over: str, tokenizer_size: int, base, expert) -> int:

@@ -261,7 +261,8 @@ class Engine:
         self.expert_config = None if expert is None else expert.config
         self.stop_ids = _stop_array(stop_ids)
         self.pad_id = int(pad_id)
-        self.early_stop_tables = early_stop_tables  # needed only by settings with early_stop=True
+        # Needed only by settings with early_stop=True; on the device once (the automaton is V x ~160).
+        self.early_stop_tables = None if early_stop_tables is None else jax.device_put(early_stop_tables)
         self.compilations = 0
         self._jitted = jax.jit(self._traced, static_argnums=(0, 1, 2, 3))
         self._prefill_jitted = jax.jit(_next_token_probabilities, static_argnums=(0, 1))
