@@ -61,11 +61,11 @@ class ModelConfig:
         head = 0 if self.tie_word_embeddings else v * d
         return v * d + self.num_layers * per_layer + d + head
 
-    def check_sequence_length(self, length: int) -> None:
+    def check_sequence_length(self, length: int, name: str = "this") -> None:
         """Refuses lengths the decoder would run inexactly (it has no sliding-window attention)."""
         if self.sliding_window is not None and length > self.sliding_window:
             raise ConfigError(
-                f"a sequence of {length} tokens exceeds this model's sliding window of "
+                f"a sequence of {length} tokens exceeds the {name} model's sliding window of "
                 f"{self.sliding_window}; ngsd-jax runs full attention only, so keep prompt + "
                 f"new tokens <= {self.sliding_window}"
             )

@@ -78,7 +78,7 @@ def load_preset(name: str) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     from ngsd_jax.engine import MODES
-    from ngsd_jax.reflection import REFLECT_MODES
+    from ngsd_jax.reflection import REFLECT_MODES, REFLECT_PARSERS
 
     p = argparse.ArgumentParser(prog="python -m ngsd_jax.decode", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,11 +96,27 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--expert-system-prompt", default=None, help="system prompt for the expert (its own format)")
     models.add_argument("--chat-template", default=None, help="Jinja template (string or .jinja file) for the base")
     models.add_argument("--expert-chat-template", default=None, help="Jinja template for the expert")
+    models.add_argument("--thinking", action="store_true", default=None,
+                        help="render chat prompts with enable_thinking=True (Qwen3 then may think in <think> blocks, "
+                             "which the gate would run over); off by default, as the reference runs Qwen3")
     dec = p.add_argument_group("decoding")
     dec.add_argument("--mode", choices=MODES, default=None, help="ngsd (default), base, expert, always, safedecoding")
     dec.add_argument("--reflect", choices=REFLECT_MODES, default=None,
                      help="how alpha is set: json (the paper's self-reflection, default), logit, off (use --alpha)")
     dec.add_argument("--alpha", type=float, default=None, help="expert pull when --reflect off (default 0.5)")
+    dec.add_argument("--reflect-parse", choices=REFLECT_PARSERS, default=None,
+                     help="how the json rating is read: lenient (ours, default: the first object holding a key, "
+                          "keys in any case, values clipped to 0..10, generation ends at the first '}') or "
+                          "reference (the paper's: the first decodable object or list, int() values, no clipping, "
+                          "the whole answer generated)")
+    dec.add_argument("--reflect-prefix", action=argparse.BooleanOptionalAction, default=None,
+                     help='start the json rating for the model with {"severityScore": (default on, so that small '
+                          "bases rate instead of answering; the paper: --no-reflect-prefix)")
+    dec.add_argument("--reflect-max-new-tokens", type=int, default=None,
+                     help="budget of the json rating (default 64; the paper's: 256)")
+    dec.add_argument("--reflect-all-zero-risk", type=int, default=None, metavar="R",
+                     help="risk when all four scores are 0 (default: none, S is raised to 1 as the reference does "
+                          "for every base but Vicuna; the reference's for Vicuna: 10)")
     dec.add_argument("--max-new-tokens", type=int, default=None, help="default 128")
     dec.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     dec.add_argument("--top-p", type=float, default=1.0)
@@ -108,9 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--seed", type=int, default=0)
     dec.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
     dec.add_argument("--early-stop", action="store_true", default=None,
-                     help="the reference's early-stop heuristic (spec §5; off by default): from 128 tokens, "
-                          "when alpha >= 0.5, a refusal phrase, trailing spaces, emoji or control characters "
-                          "in the last 64 tokens cap the answer at +128 tokens, ending at a sentence end")
+                     help="the reference's early-stop heuristic (spec §5; off by default): at 133, 140, ..., 252 "
+                          "tokens, when alpha >= 0.5, a refusal phrase, 3 trailing spaces, an emoji or a control "
+                          "character (newline included) in the last 64 tokens caps the answer at +128 tokens, "
+                          "ending at a sentence end")
     gate = p.add_argument_group("gate (spec defaults)")
     gate.add_argument("--tau", type=float, default=None, help="neuron time constant (8)")
     gate.add_argument("--threshold", type=float, default=None, help="firing threshold (1.0)")
@@ -118,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("--v-reset", type=float, default=None, help="reset potential (0.0)")
     gate.add_argument("--merge-top-k", type=int, default=None, help="K of the union-top-K merge (64)")
     gate.add_argument("--divergence", choices=("tv", "kl", "js"), default=None, help="tv (default), kl, js")
+    gate.add_argument("--softmax-over", choices=("tokenizer", "embedding"), default=None,
+                      help="next-token distributions over the tokenizer's tokens (default: embedding rows past "
+                           "them are padding) or over every embedding row (the paper's)")
     gate.add_argument("--safedecoding-m", type=int, default=None, help="SafeDecoding: steered tokens (2)")
     gate.add_argument("--safedecoding-alpha", type=float, default=None, help="SafeDecoding: alpha (3)")
     gate.add_argument("--safedecoding-common", type=int, default=None, help="SafeDecoding: common tokens c (5)")
@@ -152,6 +172,12 @@ class Options:
     safedecoding_alpha: float = 3.0
     safedecoding_common: int = 5
     early_stop: bool = False
+    thinking: bool = False
+    reflect_parse: str = "lenient"
+    reflect_prefix: bool = True
+    reflect_max_new_tokens: int = 64
+    reflect_all_zero_risk: int | None = None
+    softmax_over: str = "tokenizer"
 
 
 def resolve_options(args) -> Options:
@@ -168,12 +194,41 @@ def resolve_options(args) -> Options:
     return options
 
 
+GATE_FLAGS = {"tau": "--tau", "threshold": "--threshold", "soft_reset": "--soft-reset", "v_reset": "--v-reset",
+              "top_k": "--merge-top-k", "divergence": "--divergence"}
+
+
+def check_options(options: Options, args) -> None:
+    """Refuses settings that would fail or run meaninglessly, before any model is read."""
+    from ngsd_jax.ngsd import gate_problem
+
+    gate = {field: getattr(options, "merge_top_k" if field == "top_k" else field) for field in GATE_FLAGS}
+    problem = gate_problem(gate, GATE_FLAGS)
+    checks = [
+        (problem is None, problem),
+        (args.batch_size >= 1, "--batch-size must be >= 1"),
+        (0 < args.top_p <= 1, "--top-p must lie in (0, 1]"),
+        (args.temperature >= 0, "--temperature must be >= 0"),
+        (args.top_k >= 0, "--top-k must be >= 0 (0 = off)"),
+        (options.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
+        (0 <= options.alpha <= 1, f"--alpha must lie in [0, 1] (got {options.alpha})"),
+        (options.reflect_max_new_tokens >= 1, "--reflect-max-new-tokens must be >= 1"),
+        (options.reflect_all_zero_risk is None or 0 <= options.reflect_all_zero_risk <= 10,
+         "--reflect-all-zero-risk must lie in 0..10"),
+        (options.safedecoding_m >= 0, "--safedecoding-m must be >= 0"),
+        (options.safedecoding_common >= 1, "--safedecoding-common must be >= 1"),
+        (options.safedecoding_alpha >= 0, "--safedecoding-alpha must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+
+
 def _resolve_models(options: Options) -> tuple[str, str | None]:
     from ngsd_jax.default_model import default_base_path, default_expert_path
-    from ngsd_jax.hub import resolve_checkpoint
 
-    base = str(resolve_checkpoint(options.base)) if options.base else str(default_base_path())
-    expert = str(resolve_checkpoint(options.expert)) if options.expert else None
+    base = _checkpoint_path(options.base, "base") if options.base else str(default_base_path())
+    expert = _checkpoint_path(options.expert, "expert") if options.expert else None
     if expert is None and options.mode != "base":
         found = default_expert_path() if options.base is None else None
         if found is None:
@@ -181,6 +236,29 @@ def _resolve_models(options: Options) -> tuple[str, str | None]:
                              "(about 10 minutes on a laptop CPU), pass --expert PATH, or use --mode base")
         expert = str(found)
     return base, expert
+
+
+def _checkpoint_path(name: str, role: str) -> str:
+    """A local path, a name under the checkpoints directory (how presets name models), or a Hub id."""
+    from ngsd_jax.hub import resolve_checkpoint
+    from ngsd_jax.loading import CheckpointError
+
+    try:
+        return str(resolve_checkpoint(name))
+    except CheckpointError as err:
+        raise UsageError(f"{role} model {err}") from None
+
+
+def _distribution_size(softmax_over: str, tokenizer_size: int, base, expert) -> int:
+    """How many logits the next-token distributions cover: the tokenizer's tokens, or every
+    embedding row (the reference's softmax), which the models in use must then agree on."""
+    if softmax_over == "tokenizer":
+        return tokenizer_size
+    rows = {name: model.config.vocab_size for name, model in (("base", base), ("expert", expert)) if model is not None}
+    if len(set(rows.values())) > 1:
+        raise UsageError(f"--softmax-over embedding: the base has {rows['base']} embedding rows and the expert "
+                         f"{rows['expert']}; use --softmax-over tokenizer")
+    return next(iter(rows.values()))
 
 
 def trace_table(tokenizer, result, row: int) -> str:
@@ -207,9 +285,8 @@ def run(args) -> int:
     prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
     if not prompts:
         raise UsageError("no prompts: give --prompt TEXT or --prompts-file FILE")
-    if args.batch_size < 1 or args.top_p <= 0 or args.top_p > 1 or args.temperature < 0:
-        raise UsageError("need --batch-size >= 1, 0 < --top-p <= 1 and --temperature >= 0")
     options = resolve_options(args)
+    check_options(options, args)
 
     import jax.numpy as jnp
     from tqdm import tqdm
@@ -233,10 +310,11 @@ def run(args) -> int:
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[options.dtype]
     base = load_model(base_path, dtype) if uses_base else None
     expert = load_model(expert_path, dtype) if uses_expert else None
-    engine = Engine(base, expert, vocab_size=len(base_tok),
+    vocab_size = _distribution_size(options.softmax_over, len(base_tok), base, expert)
+    engine = Engine(base, expert, vocab_size=vocab_size,
                     stop_ids=stop_token_ids(base_tok, (base or expert).config, options.chat_template),
                     pad_id=base_tok.pad_token_id or 0,
-                    early_stop_tables=early_stop_tables(base_tok, len(base_tok)) if options.early_stop else None)
+                    early_stop_tables=early_stop_tables(base_tok, vocab_size) if options.early_stop else None)
     settings = DecodeSettings(
         mode=options.mode, max_new_tokens=options.max_new_tokens, sampling_top_k=args.top_k,
         gate=GateConfig(tau=options.tau, threshold=options.threshold, v_reset=options.v_reset,
@@ -249,13 +327,16 @@ def run(args) -> int:
     progress = tqdm(total=len(prompts), unit="prompt", disable=len(batches) == 1 or not sys.stderr.isatty(),
                     desc=f"decoding ({options.mode})")
     for batch in batches:
-        reflections = reflect(engine, base_tok, batch, reflect_mode, options.alpha, options.chat_template)
-        base_prompts = [encode_chat(base_tok, p, options.system_prompt, options.chat_template, args.prefill)
-                        for p in batch]
+        reflections = reflect(engine, base_tok, batch, reflect_mode, options.alpha, options.chat_template,
+                              thinking=options.thinking, parser=options.reflect_parse, prefix=options.reflect_prefix,
+                              max_new_tokens=options.reflect_max_new_tokens,
+                              all_zero_risk=options.reflect_all_zero_risk)
+        base_prompts = [encode_chat(base_tok, p, options.system_prompt, options.chat_template, args.prefill,
+                                    thinking=options.thinking) for p in batch]
         expert_prompts = None
         if expert_tok is not None:
             expert_prompts = [encode_chat(expert_tok, p, options.expert_system_prompt, options.expert_chat_template,
-                                          args.prefill) for p in batch]
+                                          args.prefill, thinking=options.thinking) for p in batch]
         result = engine.decode(base_prompts if uses_base else expert_prompts, expert_prompts, settings,
                                alpha=[r.alpha for r in reflections], temperature=args.temperature,
                                top_p=args.top_p, seed=args.seed)

@@ -1,51 +1,53 @@
 """The reference's optional early-stop heuristic (spec §5), in token space, inside the jitted loop.
 
-The rule, as the spec states it: from 128 generated tokens on, when alpha >= 0.5, every 7
-tokens up to 256, decode the last 64 output tokens; if they contain a refusal phrase, >= 3
-trailing spaces, emoji or control characters, cap the length at (current + 128) and, past
-half of that cap, stop at the next '.', '!' or '?'. It is OFF by default (`DecodeSettings.
-early_stop`); when off, none of this is traced into the decode program.
+The rule, as the reference applies it after each generated token, with n the number of
+generated tokens: when alpha >= 0.5 and n >= 128, n % 7 == 0 and n <= 256 (n = 133, 140,
+..., 252), decode the last 64 generated tokens; if that text contains one of
+`REFUSAL_PHRASES` (case-insensitively), ends with >= 3 spaces, or holds an emoji (a code
+point in `EMOJI_RANGES`) or a control character (U+0000-U+001F, newline and tab included),
+cap the length at n + 128; past half of that cap, stop as soon as the whole generated
+text, stripped of trailing whitespace, ends with '.', '!' or '?', and at the cap at the
+latest. It is OFF by default (`DecodeSettings.early_stop`); when off, none of this is traced
+into the decode program.
 
-XLA cannot decode text, so everything the rule asks of the window's text is answered from
-tables computed once on the host from the tokenizer (`early_stop_tables`), indexed by token
-id inside the loop (`early_stop_step`):
+XLA cannot decode text, so everything the rule asks of the text is answered from tables
+computed once on the host from the tokenizer (`early_stop_tables`), indexed by token id
+inside the loop (`early_stop_step`):
 
 - Token text. Each token's text is its text *in context*: decode([anchor, id]) minus
   decode([anchor]) with anchor = the tokens of "a" (so SentencePiece's word-initial space is
   kept), special tokens decoding to "" (skip_special_tokens=True), no clean-up of spaces. For
-  byte-level BPE the window's text is then exactly the concatenation of its tokens' texts.
-- Emoji or control (`emoji_or_control[V]`). A character is an emoji when its Unicode category
-  is So or Sk and its code point lies in one of `EMOJI_RANGES` (Misc Technical U+2300-23FF,
-  Misc Symbols and Dingbats U+2600-27BF, Misc Symbols and Arrows U+2B00-2BFF, and the
-  supplementary emoji planes U+1F000-1FAFF; skin-tone modifiers are Sk there). A control
-  character is category Cc other than '\\n' and '\\t' ('\\r' counts). A token is flagged when
-  its text holds either. Byte-level vocabularies (and SentencePiece byte fallback) split most
-  emoji across tokens, whose own text is then U+FFFD, so a token is flagged too when its raw
-  bytes end with an incomplete prefix of an emoji's UTF-8 encoding (at least its first two
-  bytes, or the lone 4-byte lead 0xF0: code points past U+FFFF are overwhelmingly emoji) or
-  begin with the last three bytes of a 4-byte emoji encoding. Every emoji of the
-  supplementary planes therefore flags at least one of its tokens, whatever the split. A
-  3-byte emoji split right after its lead byte 0xE2 (SmolLM2 splits ☀ ❤ ⭐ ⚠ so) cannot be
-  told by one token, since 0xE2 also starts curly quotes and dashes: `ends_with_e2[V]` (raw
-  bytes end with a lone 0xE2) and `emoji_after_e2[V]` (raw bytes begin with a continuation
-  byte c such that 0xE2 c starts an emoji) flag it as a pair of neighbours in the window.
+  byte-level BPE the generated text is then exactly the concatenation of its tokens' texts.
+- Token bytes: a byte-level BPE token's raw bytes, a SentencePiece byte-fallback token's one
+  byte, any other token's text in context in UTF-8, and nothing for special tokens. For a
+  byte-level tokenizer the window's text is exactly what its tokens' bytes decode to.
+- Triggers (`trigger_automaton[V, S]`): every refusal phrase (lower-cased), the UTF-8 encoding
+  of every emoji and every control byte are patterns of one Aho-Corasick automaton over bytes
+  (upper-case ASCII read as lower case), with one absorbing state for "a pattern was read".
+  Row v is the state reached from each state after reading token v's bytes. Running the
+  window's 64 tokens through it finds a phrase wherever its characters fall across tokens,
+  in any case and any tokenization, and an emoji wherever its bytes are split, and only
+  when all of its bytes lie in the window, as when the reference decodes the window (UTF-8
+  synchronises itself: an encoding that appears in the bytes is that character).
 - Trailing spaces. `trailing_spaces[V]` counts ' ' at the end of the token's text and
   `only_spaces[V]` marks texts made only of ' ' (empty included). The window's text ends with
-  the sum of trailing_spaces over its last non-only-spaces token and every token after it;
-  ">= 3 trailing spaces" means >= 3 ' ' characters (not tabs or newlines).
-- Sentence end (`ends_sentence[V]`): the token's text, stripped of trailing whitespace, ends
-  with '.', '!' or '?'.
-- Refusal phrases (`REFUSAL_PHRASES`, case-sensitive, the reference's kind of list), each
-  tokenized alone and after a space, deduplicated, padded with -1 into [n, max_len] with
-  their lengths. The loop matches them at every offset of the 64-token window. A phrase the
-  model spells with a different tokenization than these two (rare for word-splitting
-  pre-tokenizers) is not seen.
+  the sum of trailing_spaces over its last non-only-spaces token and every token after it.
+- Sentence end. `blank[V]` marks texts that are empty or whitespace, `ends_sentence[V]`
+  texts that, stripped of trailing whitespace, end with '.', '!' or '?'. The generated text
+  stripped of trailing whitespace ends like its last non-blank token.
 
-Positions, with m the generated length after the newest token: checks run at m = 128, 135,
-..., 254 (m >= 128, m <= 256, (m - 128) % 7 == 0) for rows whose alpha >= 0.5; the window is
-tokens [m - 64, m). A trigger sets cap = min(cap, m + 128) (a later trigger never extends
-it). From the next token on, a triggered row stops after a token with m > cap // 2 that ends
-a sentence, or when m reaches cap. With the spec's constants cap // 2 <= m at once, so a
+Where token space differs from the reference's decoded text (README, deviations): the
+reference decodes the window as one text, so for a tokenizer that is not byte-level, or whose
+decode cleans up spaces (" ." -> "."), the window's text can differ from its tokens' texts put
+together (a SentencePiece window's first token keeps its word-initial space here, which
+matters only for a window made of spaces); and a whitespace character split across byte
+tokens (a no-break space) does not count as whitespace for the sentence-end test here.
+
+Positions, with m the generated length after the newest token: the check runs (under a
+`lax.cond`, so other steps skip it) at the m above for rows whose alpha >= 0.5, over tokens
+[m - 64, m). A trigger sets cap = min(cap, m + 128) (a later trigger never extends it). From
+the next token on, a triggered row stops after its m-th token when m > cap // 2 and the text
+ends a sentence, or when m reaches cap. With the spec's constants cap // 2 < m at once, so a
 triggered row stops at its next sentence end or at the cap.
 """
 
@@ -54,15 +56,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import unicodedata
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-CHECK_FROM = 128  # first generated length at which the window is checked
-CHECK_EVERY = 7  # check period in tokens
+CHECK_FROM = 128  # no check before this generated length
+CHECK_EVERY = 7  # checks where the generated length is a multiple of this
 CHECK_UNTIL = 256  # no check past this generated length
 WINDOW = 64  # tokens decoded at a check
 EXTRA_TOKENS = 128  # a trigger caps the length at (current + EXTRA_TOKENS)
@@ -75,12 +76,13 @@ REFUSAL_PHRASES = (
     "I am unable", "I will not", "I won't", "not appropriate", "illegal and unethical",
 )
 EMOJI_RANGES = ((0x2300, 0x23FF), (0x2600, 0x27BF), (0x2B00, 0x2BFF), (0x1F000, 0x1FAFF))
+CONTROL_UNTIL = 0x1F  # U+0000..U+001F are control characters, newline and tab included
 SENTENCE_ENDS = (".", "!", "?")
 
 
 @dataclasses.dataclass(frozen=True)
 class EarlyStopRule:
-    """The heuristic's constants (the spec's by default); static, part of DecodeSettings."""
+    """The heuristic's constants (the reference's by default); static, part of DecodeSettings."""
 
     check_from: int = CHECK_FROM
     check_every: int = CHECK_EVERY
@@ -98,37 +100,30 @@ class EarlyStopRule:
 
     def is_check(self, m):
         """Whether generated length m (int or int array) is a check position."""
-        return (m >= self.check_from) & (m <= self.check_until) & ((m - self.check_from) % self.check_every == 0)
+        return (m >= self.check_from) & (m <= self.check_until) & (m % self.check_every == 0)
 
 
 class EarlyStopTables(NamedTuple):
-    """Per-token facts about the tokenizer's texts, and the refusal phrases as token ids."""
+    """Per-token facts about the tokenizer's texts, and the triggers as an automaton over token ids."""
 
-    emoji_or_control: np.ndarray  # [V] bool
+    trigger_automaton: np.ndarray  # [V, S] int16/int32: state after the token's bytes; S - 1 = triggered
     ends_sentence: np.ndarray  # [V] bool
+    blank: np.ndarray  # [V] bool
     trailing_spaces: np.ndarray  # [V] int32
     only_spaces: np.ndarray  # [V] bool
-    ends_with_e2: np.ndarray  # [V] bool
-    emoji_after_e2: np.ndarray  # [V] bool
-    phrases: np.ndarray  # [P, L] int32, -1 padded
-    phrase_lengths: np.ndarray  # [P] int32
 
 
 # ---------------------------------------------------------------------------------------------
-# Text predicates (host side; also the spec's rule on decoded text, which the tests use)
+# Text predicates (host side)
 
 
 def is_emoji(ch: str) -> bool:
     cp = ord(ch)
-    return any(lo <= cp <= hi for lo, hi in EMOJI_RANGES) and unicodedata.category(ch) in ("So", "Sk")
+    return any(lo <= cp <= hi for lo, hi in EMOJI_RANGES)
 
 
 def is_control(ch: str) -> bool:
-    return unicodedata.category(ch) == "Cc" and ch not in "\n\t"
-
-
-def has_emoji_or_control(text: str) -> bool:
-    return any(is_emoji(c) or is_control(c) for c in text)
+    return ord(ch) <= CONTROL_UNTIL
 
 
 def trailing_space_count(text: str) -> int:
@@ -139,36 +134,75 @@ def ends_sentence(text: str) -> bool:
     return text.rstrip().endswith(SENTENCE_ENDS)
 
 
-def _emoji_encodings() -> list[bytes]:
-    return [chr(cp).encode("utf-8") for lo, hi in EMOJI_RANGES for cp in range(lo, hi + 1) if is_emoji(chr(cp))]
+# ---------------------------------------------------------------------------------------------
+# Phrases, emoji and control characters as one automaton over bytes (host side, once)
+
+_LOWER_ASCII = np.asarray([b + 32 if ord("A") <= b <= ord("Z") else b for b in range(256)])
 
 
-def _partial_emoji_patterns() -> tuple[frozenset, frozenset]:
-    heads, tails = set(), set()
-    for enc in _emoji_encodings():
-        heads.update(enc[:k] for k in range(2, len(enc)))
-        if len(enc) == 4:
-            heads.add(enc[:1])
-            tails.add(enc[1:])
-    return frozenset(heads), frozenset(tails)
+def trigger_patterns(phrases=REFUSAL_PHRASES) -> list[bytes]:
+    """Byte strings whose presence in the window triggers: phrases (lower-cased), emoji, controls."""
+    emoji = [chr(cp).encode("utf-8") for lo, hi in EMOJI_RANGES for cp in range(lo, hi + 1)]
+    return [p.lower().encode("utf-8") for p in phrases if p] + emoji + [bytes([b]) for b in range(CONTROL_UNTIL + 1)]
 
 
-def has_partial_emoji(raw: bytes) -> bool:
-    """Raw token bytes that end with an incomplete emoji encoding or begin with the rest of one."""
-    heads, tails = _PARTIAL
-    return any(raw[-k:] in heads for k in (1, 2, 3) if len(raw) >= k) or raw[:3] in tails
+def byte_automaton(patterns) -> np.ndarray:
+    """Aho-Corasick over bytes, upper-case ASCII folded: delta [S, 256]. State 0 is the start; the
+    last state is absorbing and is entered whenever a pattern has just been read."""
+    children: list[dict[int, int]] = [{}]
+    accepts = [False]
+    for pattern in patterns:
+        state = 0
+        for byte in pattern:
+            if byte not in children[state]:
+                children[state][byte] = len(children)
+                children.append({})
+                accepts.append(False)
+            state = children[state][byte]
+        accepts[state] = True
+    n = len(children)
+    delta = np.zeros((n, 256), np.int64)
+    fail = np.zeros(n, np.int64)
+    order = [0]
+    for state in order:  # breadth first: a failure state is shallower, so its row is complete
+        if state:
+            delta[state] = delta[fail[state]]
+        for byte, child in children[state].items():
+            fail[child] = delta[fail[state], byte] if state else 0
+            accepts[child] = accepts[child] or accepts[fail[child]]
+            delta[state, byte] = child
+            order.append(child)
+    accepts = np.asarray(accepts)
+    # Keep the states reachable without reading a pattern; every accepting one becomes `seen`.
+    kept, frontier = {0}, [0]
+    while frontier:
+        nxt = {int(t) for t in np.unique(delta[frontier]) if not accepts[t]} - kept
+        kept |= nxt
+        frontier = sorted(nxt)
+    kept = sorted(kept)
+    seen = len(kept)
+    renumber = np.full(n, seen, np.int64)
+    renumber[kept] = np.arange(seen)
+    folded = renumber[delta[kept]][:, _LOWER_ASCII]
+    return np.concatenate([folded, np.full((1, 256), seen, np.int64)])
 
 
-def ends_with_lone_e2(raw: bytes) -> bool:
-    return raw.endswith(b"\xe2")
-
-
-def starts_emoji_after_e2(raw: bytes) -> bool:
-    """Raw bytes that, after a token ending with a lone 0xE2, complete a (2-byte prefix of an) emoji."""
-    return len(raw) > 0 and 0x80 <= raw[0] < 0xC0 and b"\xe2" + raw[:1] in _PARTIAL[0]
-
-
-_PARTIAL = _partial_emoji_patterns()
+def trigger_automaton(raws, phrases=REFUSAL_PHRASES) -> np.ndarray:
+    """[V, S]: the state reached from each state after reading each token's bytes."""
+    delta = byte_automaton(trigger_patterns(phrases))
+    states = delta.shape[0]
+    table = np.tile(np.arange(states), (len(raws), 1))
+    by_length: dict[int, list[int]] = {}
+    for i, raw in enumerate(raws):
+        if raw:
+            by_length.setdefault(len(raw), []).append(i)
+    for length, ids in by_length.items():  # all tokens of one length advance together
+        codes = np.frombuffer(b"".join(raws[i] for i in ids), np.uint8).reshape(len(ids), length)
+        current = np.tile(np.arange(states), (len(ids), 1))
+        for k in range(length):
+            current = delta[current, codes[:, k:k + 1]]
+        table[ids] = current
+    return table.astype(np.int16 if states <= np.iinfo(np.int16).max else np.int32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,14 +244,14 @@ def token_texts(tokenizer, vocab_size: int) -> list[str]:
             for i, pair in enumerate(pairs)]
 
 
-def token_bytes(tokenizer, vocab_size: int) -> list[bytes | None]:
-    """Raw bytes of byte-level BPE tokens and of SentencePiece byte-fallback tokens; None otherwise."""
+def token_bytes(tokenizer, vocab_size: int, texts: list[str]) -> list[bytes]:
+    """Each token's bytes (see the module doc); `texts` are the tokens' texts in context."""
     byte_level = _is_byte_level(tokenizer)
     inverse = {c: b for b, c in _bytes_to_unicode().items()}
-    out: list[bytes | None] = []
-    for piece in tokenizer.convert_ids_to_tokens(list(range(vocab_size))):
-        raw = None
-        if isinstance(piece, str):
+    out: list[bytes] = []
+    for piece, text in zip(tokenizer.convert_ids_to_tokens(list(range(vocab_size))), texts):
+        raw = text.encode("utf-8")
+        if text and isinstance(piece, str):  # special tokens decode to "": no bytes
             fallback = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
             if fallback:
                 raw = bytes([int(fallback.group(1), 16)])
@@ -227,49 +261,21 @@ def token_bytes(tokenizer, vocab_size: int) -> list[bytes | None]:
     return out
 
 
-def phrase_table(tokenizer, phrases=REFUSAL_PHRASES, max_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Each phrase tokenized alone and after a space, deduplicated: ([P, L] ids padded -1, [P] lengths)."""
-    variants = []
-    for phrase in phrases:
-        for text in (phrase, " " + phrase):
-            ids = tuple(int(t) for t in tokenizer.encode(text, add_special_tokens=False))
-            if ids and ids not in variants and (max_len is None or len(ids) <= max_len):
-                variants.append(ids)
-    return pad_phrases(variants)
-
-
-def pad_phrases(variants) -> tuple[np.ndarray, np.ndarray]:
-    """Token-id phrases -> ([P, L] ids padded with -1, [P] lengths); no phrases gives one empty row."""
-    variants = [[int(t) for t in v] for v in variants]
-    rows = max(len(variants), 1)
-    ids = np.full((rows, max([len(v) for v in variants] + [1])), -1, np.int32)
-    lengths = np.zeros((rows,), np.int32)
-    for i, v in enumerate(variants):
-        ids[i, : len(v)] = v
-        lengths[i] = len(v)
-    return ids, lengths
-
-
-def early_stop_tables(tokenizer, vocab_size: int, phrases=REFUSAL_PHRASES,
-                      rule: EarlyStopRule = EarlyStopRule()) -> EarlyStopTables:
+def early_stop_tables(tokenizer, vocab_size: int, phrases=REFUSAL_PHRASES) -> EarlyStopTables:
     """All tables for `vocab_size` token ids (the engine's vocabulary), built once on the host."""
-    variants = phrase_table(tokenizer, phrases, max_len=rule.window)
-    return build_tables(token_texts(tokenizer, vocab_size), token_bytes(tokenizer, vocab_size), *variants)
+    texts = token_texts(tokenizer, vocab_size)
+    return build_tables(texts, token_bytes(tokenizer, vocab_size, texts), phrases)
 
 
-def build_tables(texts, raws, phrase_ids, phrase_lengths) -> EarlyStopTables:
-    """Tables from each token's text in context, its raw bytes (or None) and the padded phrase ids."""
-    raws = [None] * len(texts) if raws is None else raws
+def build_tables(texts, raws=None, phrases=REFUSAL_PHRASES) -> EarlyStopTables:
+    """Tables from each token's text in context, its bytes (default: the text in UTF-8) and the phrases."""
+    raws = [t.encode("utf-8") for t in texts] if raws is None else raws
     return EarlyStopTables(
-        emoji_or_control=np.asarray([has_emoji_or_control(t) or (r is not None and has_partial_emoji(r))
-                                     for t, r in zip(texts, raws)], bool),
+        trigger_automaton=trigger_automaton(raws, phrases),
         ends_sentence=np.asarray([ends_sentence(t) for t in texts], bool),
+        blank=np.asarray([t.strip() == "" for t in texts], bool),
         trailing_spaces=np.asarray([trailing_space_count(t) for t in texts], np.int32),
         only_spaces=np.asarray([t.strip(" ") == "" for t in texts], bool),
-        ends_with_e2=np.asarray([r is not None and ends_with_lone_e2(r) for r in raws], bool),
-        emoji_after_e2=np.asarray([r is not None and starts_emoji_after_e2(r) for r in raws], bool),
-        phrases=np.asarray(phrase_ids, np.int32),
-        phrase_lengths=np.asarray(phrase_lengths, np.int32),
     )
 
 
@@ -277,16 +283,13 @@ def build_tables(texts, raws, phrase_ids, phrase_lengths) -> EarlyStopTables:
 # The check inside the loop (pure jnp)
 
 
-def _contains_phrase(window, phrases, lengths):
-    """[B, W] tokens, [P, L] phrases (-1 padded), [P] lengths -> [B] any phrase at any offset."""
-    w, width = window.shape[1], phrases.shape[1]
-    offsets = jnp.arange(w)[:, None] + jnp.arange(width)[None, :]  # [W, L]
-    grams = window[:, jnp.minimum(offsets, w - 1)]  # [B, W, L]
-    needed = jnp.arange(width)[None, :] < lengths[:, None]  # [P, L]
-    equal = grams[:, None, :, :] == phrases[None, :, None, :]  # [B, P, W, L]
-    hit = jnp.all(equal | ~needed[None, :, None, :], axis=-1)  # [B, P, W]
-    fits = (jnp.arange(w)[None, :] + lengths[:, None] <= w) & (lengths[:, None] > 0)  # [P, W]
-    return jnp.any(hit & fits[None], axis=(1, 2))
+def _contains_pattern(automaton, window):
+    """[V, S] automaton, [B, W] tokens -> [B] some pattern lies inside the window's bytes."""
+    automaton = jnp.asarray(automaton)
+    seen = automaton.shape[1] - 1
+    advance = lambda j, state: automaton[window[:, j], state].astype(jnp.int32)  # noqa: E731
+    start = jnp.zeros((window.shape[0],), jnp.int32)
+    return jax.lax.fori_loop(0, window.shape[1], advance, start) == seen
 
 
 def _trailing_spaces(window, tables):
@@ -301,12 +304,17 @@ def _trailing_spaces(window, tables):
 def window_triggers(tables: EarlyStopTables, tokens, m, rule: EarlyStopRule = EarlyStopRule()):
     """Whether the `rule.window` tokens before generated length m look like the rule's triggers: [B]."""
     window = jax.lax.dynamic_slice_in_dim(tokens, jnp.maximum(m - rule.window, 0), rule.window, axis=1)
-    refusal = _contains_phrase(window, jnp.asarray(tables.phrases), jnp.asarray(tables.phrase_lengths))
-    odd = jnp.any(jnp.asarray(tables.emoji_or_control)[window], axis=1)
-    split = jnp.asarray(tables.ends_with_e2)[window[:, :-1]] & jnp.asarray(tables.emoji_after_e2)[window[:, 1:]]
-    odd = odd | jnp.any(split, axis=1)
     spaces = _trailing_spaces(window, tables) >= rule.trailing_spaces
-    return refusal | odd | spaces
+    return _contains_pattern(tables.trigger_automaton, window) | spaces
+
+
+def text_ends_sentence(tables: EarlyStopTables, tokens, m):
+    """Whether the first m generated tokens [B, N], stripped of trailing whitespace, end a sentence: [B]."""
+    position = jnp.arange(tokens.shape[1])
+    written = ~jnp.asarray(tables.blank)[tokens] & (position < m)
+    last = jnp.max(jnp.where(written, position, -1), axis=1)
+    last_token = jnp.take_along_axis(tokens, jnp.maximum(last, 0)[:, None], axis=1)[:, 0]
+    return (last >= 0) & jnp.asarray(tables.ends_sentence)[last_token]
 
 
 def early_stop_update(tables: EarlyStopTables, tokens, m, alpha, cap, triggered,
@@ -314,23 +322,30 @@ def early_stop_update(tables: EarlyStopTables, tokens, m, alpha, cap, triggered,
     """The check at generated length m over tokens [B, N]: (cap, triggered) after it."""
     if tokens.shape[1] < rule.window:  # static: no check position is reachable
         return cap, triggered
-    hit = rule.is_check(m) & (alpha >= rule.min_alpha) & window_triggers(tables, tokens, m, rule)
+    eligible = alpha >= rule.min_alpha
+    # Checks are rare (19 lengths); the cond keeps the window scan off every other step.
+    hit = eligible & jax.lax.cond(rule.is_check(m) & jnp.any(eligible),
+                                  lambda: window_triggers(tables, tokens, m, rule),
+                                  lambda: jnp.zeros(eligible.shape, bool))
     return jnp.where(hit, jnp.minimum(cap, m + rule.extra_tokens), cap), triggered | hit
 
 
-def should_stop(tables: EarlyStopTables, token, m, cap, triggered):
-    """A triggered row ends with its m-th token at the cap, or past half the cap at a sentence end."""
-    return triggered & ((m >= cap) | ((m > cap // 2) & jnp.asarray(tables.ends_sentence)[token]))
+def should_stop(tables: EarlyStopTables, tokens, m, cap, triggered):
+    """A triggered row ends with its m-th token at the cap, or past half the cap when its text ends a sentence."""
+    past_half = triggered & (m > cap // 2)
+    sentence = jax.lax.cond(jnp.any(past_half), lambda: text_ends_sentence(tables, tokens, m),
+                            lambda: jnp.zeros(cap.shape, bool))
+    return triggered & ((m >= cap) | (past_half & sentence))
 
 
-def early_stop_step(tables: EarlyStopTables, rule: EarlyStopRule, tokens, m, token, alpha, cap, triggered, live):
-    """One loop step, after `token` [B] was written as generated token number m into tokens [B, N].
+def early_stop_step(tables: EarlyStopTables, rule: EarlyStopRule, tokens, m, alpha, cap, triggered, live):
+    """One loop step, after the generated token number m was written into tokens [B, N].
 
     Returns (stop [B], cap, triggered). The stop rule sees the trigger state from before this
     token ("the next" sentence end); rows not `live` are left alone; a stopped row's cap
     becomes its length, so the host can read lengths as min(stop-token length, cap).
     """
-    stop = live & should_stop(tables, token, m, cap, triggered)
+    stop = live & should_stop(tables, tokens, m, cap, triggered)
     new_cap, new_triggered = early_stop_update(tables, tokens, m, alpha, cap, triggered, rule)
     update = live & ~stop
     cap = jnp.where(stop, m, jnp.where(update, new_cap, cap))

@@ -232,7 +232,7 @@ def _decode(base_graph, expert_graph, settings: DecodeSettings, vocab_size: int,
         )
         if settings.early_stop:
             stop, cap, triggered = es.early_stop_step(inputs["early_stop"], settings.early_stop_rule, new.tokens,
-                                                      s.step + 1, token, alpha, s.cap, s.triggered, live)
+                                                      s.step + 1, alpha, s.cap, s.triggered, live)
             new = new._replace(done=new.done | stop, cap=cap, triggered=triggered)
         return new
 
@@ -262,7 +262,8 @@ class Engine:
         self.expert_config = None if expert is None else expert.config
         self.stop_ids = _stop_array(stop_ids)
         self.pad_id = int(pad_id)
-        self.early_stop_tables = early_stop_tables  # needed only by settings with early_stop=True
+        # Needed only by settings with early_stop=True; on the device once (the automaton is V x ~160).
+        self.early_stop_tables = None if early_stop_tables is None else jax.device_put(early_stop_tables)
         self.compilations = 0
         self._jitted = jax.jit(self._traced, static_argnums=(0, 1, 2, 3))
         self._prefill_jitted = jax.jit(_next_token_probabilities, static_argnums=(0, 1))
@@ -302,12 +303,13 @@ class Engine:
                                  f"{self.vocab_size}")
         real = len(base_prompts)
         batch = bucket_batch(real)
-        for name, config, prompts in (("base", self.base_config, base_prompts),
-                                      ("expert", self.expert_config, expert_prompts)):
+        # Only the models this mode runs, and the real lengths: cache slots past them are masked.
+        for name, config, prompts in (("base", self.base_config if settings.uses_base else None, base_prompts),
+                                      ("expert", self.expert_config if settings.uses_expert else None, expert_prompts)):
             if config is not None and any(len(p) == 0 for p in prompts):
                 raise ValueError(f"an empty {name} prompt: every prompt needs at least one token")
             if config is not None:
-                config.check_sequence_length(bucket_length(max(map(len, prompts))) + settings.max_new_tokens)
+                config.check_sequence_length(max(map(len, prompts)) + settings.max_new_tokens, name)
 
         base_prompt, base_len = pack_prompts(base_prompts, batch, self.pad_id)
         expert_prompt, expert_len = pack_prompts(expert_prompts, batch, self.pad_id)
@@ -340,8 +342,9 @@ class Engine:
 
     def next_token_distribution(self, prompts: list[list[int]], model: str = "base") -> np.ndarray:
         """p(next token) after each prompt, from one prefill: [len(prompts), vocab_size] fp32."""
-        graph, params = (self.base_graph, self.base_params) if model == "base" else (
-            self.expert_graph, self.expert_params)
+        graph, params, config = (self.base_graph, self.base_params, self.base_config) if model == "base" else (
+            self.expert_graph, self.expert_params, self.expert_config)
+        config.check_sequence_length(max(map(len, prompts)), model)
         array, lengths = pack_prompts(prompts, bucket_batch(len(prompts)), self.pad_id)
         probabilities = self._prefill_jitted(graph, self.vocab_size, params, array, lengths)
         return np.asarray(jax.device_get(probabilities))[: len(prompts)]

@@ -26,7 +26,8 @@ KVCache = tuple[tuple[jax.Array, jax.Array], ...]
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-    config.check_sequence_length(max_len)
+    # No sliding-window check here: slots past a sequence's real length are masked, so a cache
+    # longer than the window is exact; callers check the real lengths (Engine.decode).
     shape = (batch, config.num_kv_heads, max_len, config.head_dim)
     return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers))
 

@@ -26,6 +26,32 @@ class GateConfig:
     top_k: int = 64
     divergence: str = "tv"
 
+    def __post_init__(self):
+        problem = gate_problem(dataclasses.asdict(self))
+        if problem:
+            raise ValueError(problem)
+
+
+def gate_problem(gate: dict, names: dict[str, str] | None = None) -> str | None:
+    """What is wrong with gate settings (GateConfig's fields by name), in one line naming the
+    setting as `names` spells it, or None."""
+    name = lambda field: (names or {}).get(field, field)  # noqa: E731
+    tau, threshold, soft_reset, v_reset = gate["tau"], gate["threshold"], gate["soft_reset"], gate["v_reset"]
+    if not tau >= 1:  # also catches NaN
+        return f"{name('tau')} must be >= 1, so that the leak 1 - 1/tau lies in [0, 1) (got {tau})"
+    if not threshold > 0:
+        return f"{name('threshold')} must be > 0, or the neuron fires at every step (got {threshold})"
+    if not 0 <= soft_reset <= 1:
+        return f"{name('soft_reset')} must lie in [0, 1], the fraction of potential kept (got {soft_reset})"
+    if not v_reset < threshold:
+        return (f"{name('v_reset')} must be below {name('threshold')}, or the neuron fires at every step "
+                f"(got {v_reset} and {threshold})")
+    if not gate["top_k"] >= 1:
+        return f"{name('top_k')} must be >= 1 (got {gate['top_k']}); it is capped at the vocabulary size"
+    if gate["divergence"] not in DIVERGENCES:
+        return f"{name('divergence')} must be one of {', '.join(sorted(DIVERGENCES))} (got {gate['divergence']!r})"
+    return None
+
 
 def _finite_or_zero(p):
     # torch.nan_to_num would map inf to float max; the spec counts NaN and inf alike as 0.
@@ -79,8 +105,8 @@ def lif_step(v, d, cfg: GateConfig):
 
 def _top_k_mask(p, k: int):
     # Indices, not a k-th-value threshold: ties select exactly k tokens, lowest index first,
-    # as torch.topk does in the reference.
-    _, indices = jax.lax.top_k(p, k)
+    # as torch.topk does in the reference. A K past the vocabulary selects every token.
+    _, indices = jax.lax.top_k(p, min(k, p.shape[-1]))
     rows = jnp.arange(p.shape[0])[:, None]
     return jnp.zeros(p.shape, bool).at[rows, indices].set(True)
 

@@ -11,17 +11,22 @@ Two modes:
   and the probabilities of "yes" and "no" as the next token give a continuous risk through
   `risk_from_yes_no`.
 
-Parsing choices the spec leaves open, all deliberate:
-- the first JSON object that holds at least one of the four keys wins; objects holding none
-  (an echoed `{}`, a wrapper such as {"scores": {...}}) are skipped, and since decoding is
-  tried from every '{', an object nested inside a skipped one is still found;
-- keys match the four names case-insensitively ("SeverityScore", "SEVERITYSCORE"), nothing
-  looser (not "severity_score"); when one object has several case variants of a key, the
-  first in the object's order is used;
-- a value may be an int, a finite float or a string holding a number ("7", "6.6"); it is
-  truncated toward zero like Python's int(6.6) == 6, then clipped to 0..10; booleans,
-  NaN/infinity, null, lists and text fall back to FALLBACK_SCORE for that key alone;
-- only strict JSON is accepted (no single quotes or trailing commas).
+Two parsers of the JSON answer (`parse_scores(text, parser)`), fenced blocks searched
+before the raw text in both:
+- "reference" (the paper's): the first JSON object or list that decodes, starting at some '{'
+  or '[', wins whatever it holds (of a list, its first element, when that is an object);
+  keys match exactly or with the first letter capitalised ("SeverityScore"); a value is
+  what Python's int() makes of it (int(6.6) == 6, int("7") == 7, int(True) == 1), with no
+  clipping; a value int() refuses ("6.6", null, a list) falls back to FALLBACK_SCORE for
+  that key alone.
+- "lenient" (ours, the CLI default): the first JSON object that holds at least one of the
+  four keys wins; objects holding none (an echoed `{}`, a wrapper such as {"scores": {...}})
+  are skipped, and since decoding is tried from every '{', an object nested inside a skipped
+  one is still found; keys match case-insensitively ("SEVERITYSCORE"), nothing looser (not
+  "severity_score"), the first case variant in the object's order winning; a value may be
+  an int, a finite float or a string holding a number ("6.6"), truncated toward zero, then
+  clipped to 0..10; booleans, NaN/infinity, null, lists and text fall back per key.
+Only strict JSON is accepted by either (no single quotes or trailing commas).
 """
 
 from __future__ import annotations
@@ -119,6 +124,19 @@ def _objects_in(text: str):
         start = text.find("{", start + 1)
 
 
+def _first_object_or_list(text: str):
+    """The first JSON object or list that decodes starting at some '{' or '[' of `text`, or None."""
+    for start, char in enumerate(text):
+        if char in "{[":
+            try:
+                value, _ = _DECODER.raw_decode(text, start)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(value, (dict, list)):
+                return value
+    return None
+
+
 def _matching_key(obj: dict, dimension: str):
     wanted = dimension.lower()
     return next((key for key in obj if key.lower() == wanted), None)
@@ -143,12 +161,12 @@ def _as_score(value) -> int | None:
     return min(MAX_SCORE, max(MIN_SCORE, number))
 
 
-def parse_scores(text: str) -> tuple[dict[str, int], bool]:
-    """The four scores from the model's answer, and whether a JSON object holding any of them
-    was found. Fenced blocks are searched before the raw text; see the module docstring for
-    the rules."""
-    regions = [match.group(1) for match in _FENCE_PATTERN.finditer(text)] + [text]
-    for region in regions:
+def _regions(text: str) -> list[str]:
+    return [match.group(1) for match in _FENCE_PATTERN.finditer(text)] + [text]
+
+
+def _parse_lenient(text: str) -> tuple[dict[str, int], bool]:
+    for region in _regions(text):
         for obj in _objects_in(region):
             keys = {dimension: _matching_key(obj, dimension) for dimension in DIMENSIONS}
             if all(key is None for key in keys.values()):
@@ -161,18 +179,59 @@ def parse_scores(text: str) -> tuple[dict[str, int], bool]:
     return {dimension: FALLBACK_SCORE for dimension in DIMENSIONS}, False
 
 
+def _int_or_fallback(value) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        return FALLBACK_SCORE
+
+
+def _parse_reference(text: str) -> tuple[dict[str, int], bool]:
+    for region in _regions(text):
+        value = _first_object_or_list(region)
+        if value is None:
+            continue
+        if isinstance(value, list):
+            value = value[0] if value and isinstance(value[0], dict) else {}
+        scores = {}
+        for dimension in DIMENSIONS:
+            capitalised = dimension[0].upper() + dimension[1:]
+            key = dimension if dimension in value else capitalised
+            scores[dimension] = _int_or_fallback(value[key]) if key in value else FALLBACK_SCORE
+        return scores, True
+    return {dimension: FALLBACK_SCORE for dimension in DIMENSIONS}, False
+
+
+REFLECT_PARSERS = ("reference", "lenient")
+
+
+def parse_scores(text: str, parser: str = "lenient") -> tuple[dict[str, int], bool]:
+    """The four scores from the model's answer, and whether a JSON value was taken from it
+    (lenient: an object holding any of the four keys). See the module docstring for the rules."""
+    if parser == "reference":
+        return _parse_reference(text)
+    if parser == "lenient":
+        return _parse_lenient(text)
+    raise ValueError(f"unknown reflection parser '{parser}'; choose one of {', '.join(REFLECT_PARSERS)}")
+
+
 # --- risk and alpha ---------------------------------------------------------------------
 
 
-def risk_from_scores(scores: dict[str, int], prompt_chars: int) -> int:
-    """The risk r in 0..10 from the four scores and the user request's length in characters,
-    following the spec's rules in its order."""
+def risk_from_scores(scores: dict[str, int], prompt_chars: int, all_zero_risk: int | None = None) -> int:
+    """The risk r from the four scores and the user request's length in characters, following
+    the spec's rules in its order (0..10 for scores in 0..10; the reference parser does not
+    clip them, and neither does the rule r = A, E or T).
+
+    Four zeros raise S to 1, as the reference does for every base but Vicuna; for Vicuna it
+    returns r = 10, which `all_zero_risk=10` gives."""
     severity, actionability, evasion, targeting = (scores[dimension] for dimension in DIMENSIONS)
     if prompt_chars > LONG_PROMPT_CHARS:
         severity, actionability, evasion, targeting = (
             min(MAX_SCORE, x + LONG_PROMPT_BONUS) for x in (severity, actionability, evasion, targeting))
-    # The reference returns r = 10 here for Vicuna only; elsewhere it sets S = 1, as here.
     if severity == actionability == evasion == targeting == 0:
+        if all_zero_risk is not None:
+            return all_zero_risk
         severity = 1
     for x in (actionability, evasion, targeting):
         if x >= 8 and severity >= 5:
@@ -206,27 +265,29 @@ def risk_from_yes_no(p_yes: float, p_no: float) -> float:
 @dataclasses.dataclass(frozen=True)
 class RiskRating:
     scores: dict[str, int]  # the four, after fallbacks
-    parsed: bool  # False when no JSON object parsed (all scores fell back to FALLBACK_SCORE)
+    parsed: bool  # False when no JSON value was taken (all scores fell back to FALLBACK_SCORE)
     risk: int  # r
     alpha: float
 
 
-def rate(text: str, user_request: str) -> RiskRating:
+def rate(text: str, user_request: str, parser: str = "lenient", all_zero_risk: int | None = None) -> RiskRating:
     """The whole JSON-mode pipeline: the model's answer `text` about `user_request` -> alpha."""
-    scores, parsed = parse_scores(text)
-    risk = risk_from_scores(scores, len(user_request))
+    scores, parsed = parse_scores(text, parser)
+    risk = risk_from_scores(scores, len(user_request), all_zero_risk)
     return RiskRating(scores=scores, parsed=parsed, risk=risk, alpha=alpha_from_risk(risk))
 
 
 # --- running the base model -------------------------------------------------------------
 
 REFLECT_MODES = ("json", "logit", "off")
-# The assistant turn starts inside the object: small models (SmolLM2-135M) otherwise answer
-# the request instead of rating it. The prefix is part of the text that gets parsed.
+# With `prefix=True` the assistant turn starts inside the object: small models (SmolLM2-135M)
+# otherwise answer the request instead of rating it. The prefix is part of the text that gets
+# parsed. The reference does not force a start.
 RATING_PREFIX = '{"severityScore": '
-# The spec allows up to 256; the four-key object is about 30 tokens, and an answer still
+# The reference allows up to 256; the four-key object is about 30 tokens, and an answer still
 # open after 64 never closes (small models repeat keys), so a larger budget only costs time.
 REFLECTION_MAX_NEW_TOKENS = 64
+REFERENCE_MAX_NEW_TOKENS = 256
 _YES_WORDS = ("yes", "Yes", "YES", " yes", " Yes")
 _NO_WORDS = ("no", "No", "NO", " no", " No")
 
@@ -254,25 +315,31 @@ def _closing_brace_ids(tokenizer) -> list[int]:
 
 
 def reflect(engine, tokenizer, requests: list[str], mode: str = "json", fixed_alpha: float = 0.5,
-            chat_template=None) -> list[Reflection]:
+            chat_template=None, thinking: bool = False, parser: str = "lenient", prefix: bool = True,
+            max_new_tokens: int = REFLECTION_MAX_NEW_TOKENS, all_zero_risk: int | None = None) -> list[Reflection]:
     """Rates a batch of user requests with the engine's base model, in one batched call.
 
-    json: greedy generation of the rating (<= 64 tokens, stopping at the first '}' or an
-    end-of-turn token); logit: one prefill, P(yes) vs P(no) for the next token; off: every
-    prompt gets `fixed_alpha`.
+    json: greedy generation of the rating (at most `max_new_tokens`, ending at an end-of-turn
+    token and, for the lenient parser, at the first token that prints a '}'; the reference
+    parser reads the whole answer, as the reference does), started with RATING_PREFIX when
+    `prefix`, then `rate` with `parser`; logit: one prefill, P(yes) vs P(no) for the next
+    token; off: every prompt gets `fixed_alpha`. `thinking` is the chat template's
+    `enable_thinking` (off, as the reference rates with Qwen3).
     """
     from ngsd_jax.engine import DecodeSettings
     from ngsd_jax.tokenizer import encode_chat, stop_token_ids
 
     if mode not in REFLECT_MODES:
         raise ValueError(f"unknown reflection mode '{mode}'; choose one of {', '.join(REFLECT_MODES)}")
+    if parser not in REFLECT_PARSERS:
+        raise ValueError(f"unknown reflection parser '{parser}'; choose one of {', '.join(REFLECT_PARSERS)}")
     if mode == "off":
         return [Reflection(mode, fixed_alpha) for _ in requests]
 
-    def encode(messages, prefix=""):
+    def encode(messages, response_prefix=""):
         system, user = messages
         return encode_chat(tokenizer, user["content"], system_prompt=system["content"], chat_template=chat_template,
-                           response_prefix=prefix)
+                           response_prefix=response_prefix, thinking=thinking)
 
     if mode == "logit":
         distribution = engine.next_token_distribution([encode(harmfulness_question_messages(r)) for r in requests])
@@ -284,13 +351,15 @@ def reflect(engine, tokenizer, requests: list[str], mode: str = "json", fixed_al
             out.append(Reflection(mode, alpha_from_risk(risk), risk, f"P(yes)={p_yes:.4f} P(no)={p_no:.4f}"))
         return out
 
-    stops = list(stop_token_ids(tokenizer, engine.base_config, chat_template)) + _closing_brace_ids(tokenizer)
-    result = engine.decode([encode(reflection_messages(r), RATING_PREFIX) for r in requests],
-                           settings=DecodeSettings(mode="base", max_new_tokens=REFLECTION_MAX_NEW_TOKENS),
-                           stop_ids=stops)
+    start = RATING_PREFIX if prefix else ""
+    stops = list(stop_token_ids(tokenizer, engine.base_config, chat_template))
+    if parser == "lenient":
+        stops += _closing_brace_ids(tokenizer)
+    result = engine.decode([encode(reflection_messages(r), start) for r in requests],
+                           settings=DecodeSettings(mode="base", max_new_tokens=max_new_tokens), stop_ids=stops)
     out = []
     for i, request in enumerate(requests):
-        text = RATING_PREFIX + tokenizer.decode(result.sequence(i), skip_special_tokens=True)
-        rating = rate(text, request)
+        text = start + tokenizer.decode(result.sequence(i), skip_special_tokens=True)
+        rating = rate(text, request, parser, all_zero_risk)
         out.append(Reflection(mode, rating.alpha, rating.risk, text, rating.scores, rating.parsed))
     return out

@@ -124,13 +124,16 @@ def _as_ids(encoded) -> list[int]:
 
 def encode_chat(tokenizer, user_message: str, system_prompt: str | None = None,
                 chat_template: str | Path | None = None,
-                response_prefix: str | Sequence[int] = "") -> list[int]:
+                response_prefix: str | Sequence[int] = "", thinking: bool = False) -> list[int]:
     """Prompt ids for one user turn, ending with the assistant's generation prompt.
 
     A system prompt (when not None) becomes a system message; a template that refuses the
     system role gets it prepended to the user message instead. `response_prefix` forces the
     start of the reply: text is tokenized on its own (no special tokens) and appended after
-    the generation prompt; a sequence of ids is appended as is.
+    the generation prompt; a sequence of ids is appended as is. `thinking` is passed to the
+    template as `enable_thinking`: Qwen3's template renders an empty think block when it is
+    False, as the reference runs Qwen3, so the gate never runs over a <think> block;
+    templates that do not read the variable ignore it.
     """
     import jinja2
 
@@ -140,7 +143,8 @@ def encode_chat(tokenizer, user_message: str, system_prompt: str | None = None,
         messages.insert(0, {"role": "system", "content": system_prompt})
 
     def render(msgs):
-        return tokenizer.apply_chat_template(msgs, chat_template=template, add_generation_prompt=True, tokenize=True)
+        return tokenizer.apply_chat_template(msgs, chat_template=template, add_generation_prompt=True, tokenize=True,
+                                             enable_thinking=thinking)
 
     try:
         try:

@@ -11,9 +11,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from ngsd_jax import decode
-from ngsd_jax.engine import Engine
+from ngsd_jax.engine import DecodeSettings, Engine
 from ngsd_jax.loading import load_model
-from ngsd_jax.reflection import harmfulness_question_messages, reflect
+from ngsd_jax.reflection import RATING_PREFIX, harmfulness_question_messages, reflect
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -34,10 +34,10 @@ def _tokenizer(words=CORPUS) -> PreTrainedTokenizerFast:
                                    chat_template=CHATML)
 
 
-def _checkpoint(path, tokenizer, seed):
+def _checkpoint(path, tokenizer, seed, rows=384):
     torch.manual_seed(seed)
     # 384 embedding rows for a ~320-token tokenizer: padded rows must never be chosen.
-    config = LlamaConfig(vocab_size=384, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=rows, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
                          eos_token_id=tokenizer.eos_token_id)
     LlamaForCausalLM(config).save_pretrained(path)
@@ -216,3 +216,139 @@ def _yes_no_risk_by_transformers(checkpoint, tok, prompt) -> float:
 def test_reflection_off_uses_the_fixed_alpha(pair):
     out = reflect(None, None, PROMPTS, "off", fixed_alpha=0.9)
     assert [r.alpha for r in out] == [0.9] * len(PROMPTS)
+
+
+# Qwen3's way of turning thinking off: an empty think block after the generation prompt.
+THINKING_TEMPLATE = CHATML + ("{% if add_generation_prompt and enable_thinking is defined and enable_thinking is false %}"
+                              "<think>\n\n</think>\n\n{% endif %}")
+
+
+@pytest.mark.parametrize("flags, reflect_mode, think_block",
+                         [((), "json", True), ((), "logit", True), (("--thinking",), "json", False)])
+def test_prompts_render_thinking_off_unless_asked(pair, capsys, monkeypatch, flags, reflect_mode, think_block):
+    base, expert = pair
+    seen = []
+    real_decode, real_distribution = Engine.decode, Engine.next_token_distribution
+
+    def record_decode(self, base_prompts, expert_prompts=None, *args, **kwargs):
+        seen.extend(base_prompts + (expert_prompts or []))
+        return real_decode(self, base_prompts, expert_prompts, *args, **kwargs)
+
+    def record_distribution(self, prompts, *args, **kwargs):
+        seen.extend(prompts)
+        return real_distribution(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "decode", record_decode)
+    monkeypatch.setattr(Engine, "next_token_distribution", record_distribution)
+    tok = PreTrainedTokenizerFast.from_pretrained(base)
+    code, _, err = _run(capsys, "--base", base, "--expert", expert, "--prompt", PROMPTS[0], "--max-new-tokens", "2",
+                        "--reflect", reflect_mode, "--chat-template", THINKING_TEMPLATE,
+                        "--expert-chat-template", THINKING_TEMPLATE, *flags)
+    assert code == 0, err
+    assert len(seen) == 3  # reflection, then the base and expert decode prompts
+    for ids in seen:
+        text = tok.decode(ids)
+        assert ("<think>\n\n</think>" in text) is think_block, text
+        assert text.count("<|im_start|>assistant") == 1
+
+
+def _recording(monkeypatch):
+    """Engine.decode records (settings, stop_ids, base prompts, engine vocabulary) of every call."""
+    calls = []
+    real_decode = Engine.decode
+
+    def record(self, base_prompts, expert_prompts=None, settings=DecodeSettings(), **kwargs):
+        calls.append((settings, kwargs.get("stop_ids"), [list(p) for p in base_prompts], self.vocab_size))
+        return real_decode(self, base_prompts, expert_prompts, settings, **kwargs)
+
+    monkeypatch.setattr(Engine, "decode", record)
+    return calls
+
+
+@pytest.mark.parametrize("flags, paper", [((), False), (("--reflect-parse", "reference", "--no-reflect-prefix",
+                                                        "--reflect-max-new-tokens", "9", "--softmax-over",
+                                                        "embedding"), True)])
+def test_reflection_and_softmax_flags(pair, capsys, monkeypatch, flags, paper):
+    base, expert = pair
+    calls = _recording(monkeypatch)
+    tok = PreTrainedTokenizerFast.from_pretrained(base)
+    prefix_ids = tok.encode(RATING_PREFIX, add_special_tokens=False)
+    brace_ids = {i for token, i in tok.get_vocab().items() if "}" in token}
+    code, out, err = _run(capsys, "--base", base, "--expert", expert, "--prompt", PROMPTS[0], "--max-new-tokens", "3",
+                          "--reflect", "json", "--json", *flags)
+    assert code == 0, err
+    (rating, rating_stops, rating_prompts, vocab), answer = calls[0], calls[1]
+    assert rating.mode == "base" and answer[0].mode == "ngsd"
+    assert rating.max_new_tokens == (9 if paper else 64)
+    assert brace_ids.isdisjoint(rating_stops) is paper  # the reference parser reads the whole answer
+    assert (rating_prompts[0][-len(prefix_ids):] == prefix_ids) is not paper
+    assert json.loads(out)["reflection"]["text"].startswith(RATING_PREFIX) is not paper
+    assert vocab == (384 if paper else len(tok))
+
+
+def test_softmax_over_embedding_needs_equal_rows(pair, tmp_path, capsys):
+    base, _ = pair
+    other = _checkpoint(tmp_path / "rows352", PreTrainedTokenizerFast.from_pretrained(base), 2, rows=352)
+    capsys.readouterr()
+    code, _, err = _run(capsys, "--base", base, "--expert", str(other), "--prompt", "hi", "--reflect", "off",
+                        "--softmax-over", "embedding")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "base has 384 embedding rows and the expert 352" in err and "--softmax-over tokenizer" in err
+
+
+@pytest.mark.parametrize("preset", ["llama2-7b-chat+tinyllama", "llama3.1-8b+llama3.2-1b", "qwen3-8b+qwen3-1.7b",
+                                    "vicuna-7b+tinyllama"])
+def test_paper_presets_select_the_paper_settings(preset):
+    options = decode.resolve_options(decode.build_parser().parse_args(["--preset", preset]))
+    assert (options.reflect, options.reflect_parse, options.reflect_prefix, options.reflect_max_new_tokens,
+            options.softmax_over, options.thinking, options.early_stop) == (
+        "json", "reference", False, 256, "embedding", False, False)
+    assert options.reflect_all_zero_risk == (10 if preset.startswith("vicuna") else None)
+    assert (options.tau, options.threshold, options.soft_reset, options.v_reset, options.merge_top_k,
+            options.divergence) == (8.0, 1.0, 0.6, 0.0, 64, "tv")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--tau", "0"), "--tau must be >= 1"),
+    (("--tau", "0.5"), "--tau must be >= 1"),
+    (("--threshold", "-1"), "--threshold must be > 0"),
+    (("--threshold", "0"), "--threshold must be > 0"),
+    (("--merge-top-k", "0"), "--merge-top-k must be >= 1"),
+    (("--soft-reset", "1.5"), "--soft-reset must lie in [0, 1]"),
+    (("--v-reset", "1"), "--v-reset must be below --threshold"),
+    (("--alpha", "1.5"), "--alpha must lie in [0, 1]"),
+    (("--alpha", "-0.1"), "--alpha must lie in [0, 1]"),
+    (("--max-new-tokens", "0"), "--max-new-tokens must be >= 1"),
+    (("--reflect-max-new-tokens", "0"), "--reflect-max-new-tokens must be >= 1"),
+    (("--reflect-all-zero-risk", "11"), "--reflect-all-zero-risk must lie in 0..10"),
+    (("--safedecoding-common", "0"), "--safedecoding-common must be >= 1"),
+    (("--top-p", "0"), "--top-p must lie in (0, 1]"),
+    (("--top-k", "-1"), "--top-k must be >= 0"),
+])
+def test_bad_settings_fail_in_one_line(pair, capsys, flags, message):
+    base, expert = pair
+    code, out, err = _run(capsys, "--base", base, "--expert", expert, "--prompt", "hi", *flags)
+    lines = err.strip().splitlines()
+    assert code == 2 and out == ""
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+
+
+def test_merge_top_k_past_the_vocabulary_merges_every_token(pair, capsys):
+    base, expert = pair
+    outputs = []
+    for k in ("100000", "320"):  # the tokenizer has fewer than 320 tokens: both select every token
+        code, out, err = _run(capsys, "--base", base, "--expert", expert, "--prompt", PROMPTS[0], "--mode", "always",
+                              "--reflect", "off", "--alpha", "0.9", "--merge-top-k", k, "--max-new-tokens", "6",
+                              "--json")
+        assert code == 0, err
+        outputs.append(json.loads(out)["tokens"])
+    assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize("role", ["base", "expert"])
+def test_a_missing_checkpoint_is_named(pair, capsys, role):
+    base, expert = pair
+    paths = {"base": base, "expert": expert, role: "/no/such/dir"}
+    code, _, err = _run(capsys, "--base", paths["base"], "--expert", paths["expert"], "--prompt", "hi")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"{role} model /no/such/dir: no such checkpoint" in err and "ngsd_jax.train" not in err

@@ -1,10 +1,11 @@
 """The optional early-stop heuristic (spec §5): token tables from a tiny tokenizer, the jnp check
-against a plain-Python version of the rule on decoded text, and the fused engine with it on."""
+against a direct Python port of the reference's rule on decoded text, and the fused engine with it on."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,44 @@ CORPUS = [
     "spaces   here  and there. Done! Really? Yes.\n",
 ]
 FILLER = " the cat sat on the mat and the dog ran in the park with a red ball"
+
+# ---------------------------------------------------------------------------------------------
+# The reference's rule, ported directly onto decoded text (spec §5 and the reference's checks:
+# lengths n >= 128, n % 7 == 0, n <= 256; phrases case-insensitive; control = U+0000-U+001F).
+
+REFERENCE_PHRASES = ("I'm sorry", "I am sorry", "I cannot", "I can't", "I apologize", "As an AI", "I'm not able to",
+                     "I am unable", "I will not", "I won't", "not appropriate", "illegal and unethical")
+REFERENCE_EMOJI = re.compile("[\u2300-\u23ff\u2600-\u27bf\u2b00-\u2bff\U0001F000-\U0001FAFF]")
+REFERENCE_CONTROL = re.compile("[\x00-\x1f]")
+
+
+def reference_step(decode, output_ids, alpha, cap, phrases=REFERENCE_PHRASES, first=128, every=7, last=256,
+                   window=64, extra=128):
+    """After each new token: (stop now, cap). `cap` is None until a check triggers."""
+    n = len(output_ids)
+    if cap is not None and (n >= cap or (n > cap // 2 and decode(output_ids).rstrip().endswith((".", "!", "?")))):
+        return True, cap
+    if alpha >= 0.5 and n >= first and n % every == 0 and n <= last:
+        text = decode(output_ids[-window:])
+        if (any(p.lower() in text.lower() for p in phrases) or text.endswith("   ")
+                or REFERENCE_EMOJI.search(text) or REFERENCE_CONTROL.search(text)):
+            cap = n + extra if cap is None else min(cap, n + extra)
+    return False, cap
+
+
+def reference_stop(decode, tokens, alpha, phrases=REFERENCE_PHRASES, **rule):
+    """(length at which the reference ends the sequence or None, final cap or None)."""
+    cap = None
+    for n in range(1, len(tokens) + 1):
+        stop, cap = reference_step(decode, tokens[:n], alpha, cap, phrases, **rule)
+        if stop:
+            return n, n
+    return None, cap
+
+
+def _port_rule(rule: es.EarlyStopRule) -> dict:
+    return dict(first=rule.check_from, every=rule.check_every, last=rule.check_until, window=rule.window,
+                extra=rule.extra_tokens)
 
 
 @pytest.fixture(scope="module")
@@ -51,19 +90,35 @@ def _ids(tokenizer, text):
 # Tables
 
 
+def test_module_constants_are_the_reference_s():
+    assert es.REFUSAL_PHRASES == REFERENCE_PHRASES
+    assert [m for m in range(400) if es.EarlyStopRule().is_check(m)] == list(range(133, 253, 7))
+    assert (es.CHECK_FROM, es.CHECK_EVERY, es.CHECK_UNTIL, es.WINDOW, es.EXTRA_TOKENS, es.MIN_ALPHA) == (
+        128, 7, 256, 64, 128, 0.5)
+    for cp in list(range(0x2200, 0x2C00)) + list(range(0x1EF00, 0x1FC00)) + list(range(0, 0x80)):
+        assert es.is_emoji(chr(cp)) == bool(REFERENCE_EMOJI.match(chr(cp))), hex(cp)
+        assert es.is_control(chr(cp)) == bool(REFERENCE_CONTROL.match(chr(cp))), hex(cp)
+    with pytest.raises(ValueError):
+        es.EarlyStopRule(check_from=32, window=64)
+    assert not DecodeSettings().early_stop  # off by default
+
+
+def _triggers(tables, ids) -> bool:
+    """The trigger automaton run over token ids, on the host."""
+    state = 0
+    for i in ids:
+        state = tables.trigger_automaton[i, state]
+    return state == tables.trigger_automaton.shape[1] - 1
+
+
 def test_tables_flag_emoji_control_sentence_ends_and_spaces(tokenizer, tables):
-    flagged = lambda text: [bool(tables.emoji_or_control[i]) for i in _ids(tokenizer, text)]  # noqa: E731
-    for emoji in ("😀", "🚀", "☀", " 😀"):
-        assert any(flagged(emoji)), emoji  # split or whole, some token of it is flagged
-    for emoji in ("⭐", "❤"):  # not in the corpus: three byte tokens, 0xE2 first; a pair in the window
-        ids = _ids(tokenizer, emoji)
-        assert not any(flagged(emoji)) and tables.ends_with_e2[ids[0]] and tables.emoji_after_e2[ids[1]]
-    quote = _ids(tokenizer, "“")  # 0xE2 0x80 0x9C: the same lead, not an emoji
-    assert len(quote) == 1 or not (tables.ends_with_e2[quote[0]] and tables.emoji_after_e2[quote[1]])
-    for control in ("\x07", "\r"):
-        assert all(flagged(control)), repr(control)
-    for plain in ("\n", "\t", "the cat sat.", "“like this”", "—", "I'm sorry", "   "):
-        assert not any(flagged(plain)), repr(plain)
+    for text in ("😀", "🚀", "☀", " 😀", "⭐", "❤", " x ⭐ y", "\x07", "\r", "\n", "\t", "\x00", "\x1f",
+                 "I'm sorry", "SO i AM UNABLE to"):
+        assert _triggers(tables, _ids(tokenizer, text)), repr(text)
+    for text in ("\x7f", "the cat sat.", "“like this”", "—", "I'm sorr", "   ", "©", "→", " I am"):
+        assert not _triggers(tables, _ids(tokenizer, text)), repr(text)
+    star = _ids(tokenizer, "⭐")  # not in the corpus: three byte tokens; only all three make the emoji
+    assert len(star) == 3 and not _triggers(tables, star[:2]) and not _triggers(tables, star[1:])
 
     def one(text):
         ids = _ids(tokenizer, text)
@@ -71,67 +126,45 @@ def test_tables_flag_emoji_control_sentence_ends_and_spaces(tokenizer, tables):
         return ids[0]
 
     for end in (".", "!", "?"):
-        assert tables.ends_sentence[one(end)]
+        assert tables.ends_sentence[one(end)] and not tables.blank[one(end)]
     for other in (",", " the", "a"):
         assert not tables.ends_sentence[one(other)]
+    assert tables.blank[one(" ")] and tables.blank[one("\n")] and tables.blank[tokenizer.eos_token_id]
     assert tables.trailing_spaces[one("  ")] == 2 and tables.only_spaces[one("  ")]
     assert tables.trailing_spaces[one(" ")] == 1 and tables.only_spaces[one(" ")]
     assert tables.trailing_spaces[one(" the")] == 0 and not tables.only_spaces[one(" the")]
     assert tables.only_spaces[tokenizer.eos_token_id]  # special tokens decode to nothing
-    assert tables.emoji_or_control.shape == (len(tokenizer),)
+    assert tables.trigger_automaton[tokenizer.eos_token_id].tolist() == list(range(tables.trigger_automaton.shape[1]))
+    assert tables.ends_sentence.shape == (len(tokenizer),)
 
 
-def test_phrase_table_holds_each_phrase_alone_and_after_a_space(tokenizer, tables):
-    rows = {tuple(r[:n]) for r, n in zip(tables.phrases.tolist(), tables.phrase_lengths.tolist())}
-    for phrase in es.REFUSAL_PHRASES:
-        assert tuple(_ids(tokenizer, phrase)) in rows
-        assert tuple(_ids(tokenizer, " " + phrase)) in rows
-    assert len(rows) == len(tables.phrases)  # deduplicated
-    assert (tables.phrases[np.arange(tables.phrases.shape[1])[None, :] >= tables.phrase_lengths[:, None]] == -1).all()
+def test_trigger_automaton_finds_any_split_in_any_case():
+    rng = np.random.RandomState(0)
+    texts = ["I cannot do it", "i CANNOT", "you can not", "As an a", "s an AI!", "not appropriat", "e",
+             "I'M SORRY", "I am sorr", "y", "illegal and unethical", "I can", "'t", "x", "", "😀", "☀"]
+    pieces = [t.encode() for t in texts] + ["😀".encode()[:1], "😀".encode()[1:3], "😀".encode()[3:],
+                                            "☀".encode()[:2], "☀".encode()[2:], "“".encode()[:1], "\n".encode()]
+    automaton = es.trigger_automaton(pieces, REFERENCE_PHRASES)
+    seen = automaton.shape[1] - 1
 
+    def run(ids):
+        state = 0
+        for i in ids:
+            state = automaton[i, state]
+        return state == seen
 
-def test_partial_emoji_bytes():
-    assert es.has_partial_emoji(b"\xf0\x9f")  # 4-byte emoji split after two bytes
-    assert es.has_partial_emoji(b" \xf0")  # the lone 4-byte lead
-    assert es.has_partial_emoji(b"\x9f\x98\x80")  # the rest of 😀
-    assert es.has_partial_emoji(b"\xe2\x98")  # ☀ (U+2600) split after two bytes
-    assert not es.has_partial_emoji(b"\xe2")  # 0xE2 also starts curly quotes and dashes
-    assert not es.has_partial_emoji(b"\xe2\x80")  # “ ” — …
-    assert not es.has_partial_emoji(b"\x98\x80")  # two continuation bytes: could be CJK
-    assert not es.has_partial_emoji("😀".encode())  # whole: the text rule covers it
-    assert es.has_emoji_or_control("a 😀") and es.has_emoji_or_control("\x1b[0m")
-    assert not es.has_emoji_or_control("a\n\tb “c” — ©")
-
-
-def test_check_positions_and_rule_validation():
-    rule = es.EarlyStopRule()
-    assert [m for m in range(400) if rule.is_check(m)] == list(range(128, 257, 7))
-    assert (es.CHECK_FROM, es.CHECK_EVERY, es.CHECK_UNTIL, es.WINDOW, es.EXTRA_TOKENS, es.MIN_ALPHA) == (
-        128, 7, 256, 64, 128, 0.5)
-    with pytest.raises(ValueError):
-        es.EarlyStopRule(check_from=32, window=64)
-    assert not DecodeSettings().early_stop  # off by default
+    for _ in range(2000):
+        ids = rng.randint(0, len(pieces), size=rng.randint(1, 7)).tolist()
+        text = b"".join(pieces[i] for i in ids).decode("utf-8", errors="replace")
+        expected = (any(p.lower() in text.lower() for p in REFERENCE_PHRASES) or bool(REFERENCE_EMOJI.search(text))
+                    or bool(REFERENCE_CONTROL.search(text)))
+        assert run(ids) == expected, [pieces[i] for i in ids]
+    assert run([texts.index("I can"), texts.index("'t")]) and not run([texts.index("I can")])
+    assert automaton.dtype == np.int16
 
 
 # ---------------------------------------------------------------------------------------------
-# The rule in plain Python on decoded text (the spec's wording), against the jnp check
-
-
-def reference_stop(decode, tokens, alpha, rule=es.EarlyStopRule(), phrases=es.REFUSAL_PHRASES):
-    """(length at which the rule ends the sequence or None, final cap or None)."""
-    cap = None
-    for m in range(1, len(tokens) + 1):
-        if cap is not None and (m >= cap or (m > cap // 2 and decode([tokens[m - 1]]).rstrip().endswith(
-                (".", "!", "?")))):
-            return m, m
-        if (rule.check_from <= m <= rule.check_until and (m - rule.check_from) % rule.check_every == 0
-                and alpha >= rule.min_alpha):
-            text = decode(tokens[m - rule.window: m])
-            if (any(p in text for p in phrases) or len(text) - len(text.rstrip(" ")) >= rule.trailing_spaces
-                    or any(es.is_emoji(c) or (ord(c) < 32 or 127 <= ord(c) < 160) and c not in "\n\t"
-                           for c in text)):
-                cap = m + rule.extra_tokens if cap is None else min(cap, m + rule.extra_tokens)
-    return None, cap
+# The jnp check against the port, on token sequences built to hit each rule and boundary
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -141,9 +174,8 @@ def _run_rule(rule, tables, tokens, alpha):
 
     def body(carry, m):
         buf, cap, triggered, done, length = carry
-        token = tokens[:, m - 1]
-        buf = buf.at[:, m - 1].set(token)
-        stop, cap, triggered = es.early_stop_step(tables, rule, buf, m, token, alpha, cap, triggered, ~done)
+        buf = buf.at[:, m - 1].set(tokens[:, m - 1])
+        stop, cap, triggered = es.early_stop_step(tables, rule, buf, m, alpha, cap, triggered, ~done)
         return (buf, cap, triggered, done | stop, jnp.where(stop, m, length)), None
 
     init = (jnp.zeros_like(tokens), jnp.full((b,), es.NO_CAP, jnp.int32), jnp.zeros((b,), bool),
@@ -152,13 +184,14 @@ def _run_rule(rule, tables, tokens, alpha):
     return length, cap
 
 
-def _sequence(tokenizer, events: dict[int, str], total: int) -> list[int]:
-    """Filler tokens with each event's text inserted at its token index."""
+def _sequence(tokenizer, events: dict, total: int) -> list[int]:
+    """Filler tokens with each event (a text, or token ids) inserted at its token index."""
     filler = _ids(tokenizer, FILLER)
     out, f = [], 0
     while len(out) < total:
         if len(out) in events:
-            out += _ids(tokenizer, events[len(out)])
+            event = events[len(out)]
+            out += _ids(tokenizer, event) if isinstance(event, str) else list(event)
         else:
             out.append(filler[f % len(filler)])
             f += 1
@@ -172,46 +205,62 @@ def _compare(tokenizer, tables, cases, rule=es.EarlyStopRule(), total=320):
     length, cap = jax.device_get(_run_rule(rule, tables, jnp.asarray(rows, jnp.int32), jnp.asarray(alphas)))
     got = []
     for i, row in enumerate(rows):
-        ref_len, ref_cap = reference_stop(decode, row, alphas[i], rule)
-        assert (length[i] or None) == ref_len, (i, length[i], ref_len)
-        assert (None if cap[i] == es.NO_CAP else cap[i]) == ref_cap, (i, cap[i], ref_cap)
+        ref_len, ref_cap = reference_stop(decode, row, alphas[i], **_port_rule(rule))
+        assert (length[i] or None) == ref_len, (i, cases[i], length[i], ref_len)
+        assert (None if cap[i] == es.NO_CAP else cap[i]) == ref_cap, (i, cases[i], cap[i], ref_cap)
         got.append(ref_len)
     return got
 
 
-def test_window_check_matches_the_text_rule(tokenizer, tables):
+def test_window_check_matches_the_reference(tokenizer, tables):
     refusal = " I cannot"
     n_ref, n3, n2 = (len(_ids(tokenizer, t)) for t in (refusal, "   ", "  "))
-    cases = [
-        ({130 - n_ref: refusal, 132: ".", 150: "."}, 0.9),  # ends at 130: seen at 135 only; '.' at 132 too early
-        ({130 - n_ref: refusal, 150: "."}, 0.5),  # alpha 0.5 is enough
-        ({130 - n_ref: refusal, 150: "."}, 0.49),  # ... 0.49 is not
-        ({60: refusal, 150: "."}, 0.9),  # gone from the window by 128
-        ({127 - n_ref: refusal, 129: "!"}, 0.9),  # inside the window at exactly 128; stops at the next '!'
-        ({100: refusal, 20: ".", 120: "?"}, 0.9),  # no stop before the trigger (128): then the cap
-        ({256: refusal, 280: "."}, 0.9),  # after the last check (254)
-        ({249: refusal, 280: "."}, 0.9),  # seen at 254, the last check
-        ({110: refusal}, 0.9),  # no sentence end: stops at the cap 128 + 128
-        ({40: "I'm sorry", 150: "."}, 0.9),  # only before 128: never checked
-        ({140: "I'm sorry", 150: "."}, 0.9),  # no leading space
-        ({135 - n3: "   ", 150: "."}, 0.9),  # three trailing spaces at check 135
-        ({135 - n2: "  ", 150: "."}, 0.9),  # two are not enough
-        ({128: "   ", 150: "."}, 0.9),  # spaces followed by filler at the check: not trailing
-        ({100: " 😀", 150: "."}, 0.9),
-        ({100: " 🚀", 150: "."}, 0.9),
-        ({100: " ☀", 150: "."}, 0.9),
-        ({100: " ⭐", 150: "."}, 0.9),  # split after 0xE2: the neighbour-pair rule
-        ({100: "❤", 150: "."}, 0.9),
-        ({126: "⭐", 150: "."}, 0.9),  # 0xE2 at 126, the rest at 127 and 128: seen at 128 already
-        ({127: "⭐", 150: "."}, 0.9),  # the rest falls outside the window at 128; seen at 135
-        ({63: "⭐", 150: "."}, 0.9),  # the first window [64, 128) starts mid-character: nothing
-        ({100: " bell \x07", 150: "."}, 0.9),
-        ({100: "\n\t“like this” —", 150: "."}, 0.9),  # newline, tab, quotes, dash: no trigger
+    split = _ids(tokenizer, " I can") + _ids(tokenizer, "not")  # a tokenization no table of phrases holds
+    assert split != _ids(tokenizer, refusal)
+    cap_stop = 133 + es.EXTRA_TOKENS
+    cases = [  # (events by token index, alpha), expected stop length
+        (({130 - n_ref: refusal, 132: ".", 150: "."}, 0.9), 151),  # seen at 133; '.' at 132 is before the trigger
+        (({133 - n_ref: refusal, 150: "."}, 0.9), 151),  # ends exactly at 133, the first check
+        (({134 - n_ref: refusal, 150: "."}, 0.9), 151),  # ends at 134: seen at 140
+        (({134 - n_ref: refusal, 138: "."}, 0.9), 140 + es.EXTRA_TOKENS),  # '.' at 139, before the trigger
+        (({130 - n_ref: refusal, 150: "."}, 0.5), 151),  # alpha 0.5 is enough
+        (({130 - n_ref: refusal, 150: "."}, 0.49), None),  # ... 0.49 is not
+        (({66: refusal, 150: "."}, 0.9), None),  # in the window at 128, which is no check; gone by 133
+        (({68: refusal, 150: "."}, 0.9), None),  # starts one token before the window [69, 133)
+        (({69: refusal, 150: "."}, 0.9), 151),  # starts at the window's first token
+        (({100: refusal, 20: ".", 120: "?"}, 0.9), cap_stop),  # no stop before the trigger: then the cap
+        (({252 - n_ref: refusal, 280: "."}, 0.9), 281),  # seen at 252, the last check
+        (({253 - n_ref: refusal, 280: "."}, 0.9), None),  # ends at 253: no check after 252
+        (({110: refusal}, 0.9), cap_stop),  # no sentence end: stops at the cap 133 + 128
+        (({40: "I'm sorry", 150: "."}, 0.9), None),  # only before 128: never checked
+        (({140: "I'm sorry", 150: "."}, 0.9), 151),  # no leading space
+        (({100: " i CANNOT", 150: "."}, 0.9), 151),  # any case
+        (({100: " AS AN AI", 150: "."}, 0.9), 151),
+        (({100: split, 150: "."}, 0.9), 151),  # any tokenization
+        (({100: " I can", 150: "."}, 0.9), None),
+        (({133 - n3: "   ", 150: "."}, 0.9), 151),  # three trailing spaces at check 133
+        (({133 - n2: "  ", 150: "."}, 0.9), None),  # two are not enough
+        (({130: "   ", 150: "."}, 0.9), None),  # spaces followed by filler at the check: not trailing
+        (({100: " 😀", 150: "."}, 0.9), 151),
+        (({100: " 🚀", 150: "."}, 0.9), 151),
+        (({100: " ☀", 150: "."}, 0.9), 151),
+        (({100: " ⭐", 150: "."}, 0.9), 151),  # split after 0xE2: the neighbour-pair rule
+        (({100: "❤", 150: "."}, 0.9), 151),
+        (({131: "⭐", 150: "."}, 0.9), 151),  # 0xE2 at 131, the rest at 132 and 133: seen at 140
+        (({68: "⭐", 150: "."}, 0.9), None),  # the first window [69, 133) starts mid-character: nothing
+        (({100: " bell \x07", 150: "."}, 0.9), 151),
+        (({100: "\n", 150: "."}, 0.9), 151),  # newline and tab are control characters
+        (({100: "\t", 150: "."}, 0.9), 151),
+        (({100: "\r", 150: "."}, 0.9), 151),
+        (({100: "“like this” — \x7f ©", 150: "."}, 0.9), None),  # quotes, dash, DEL, ©: no trigger
+        (({120: refusal, 132: ".", 133: " "}, 0.9), 134),  # the text ends with '.' then a space: stops
+        (({120: refusal, 132: "."}, 0.9), cap_stop),  # the '.' came with the trigger, filler after it
+        (({120: refusal, 140: "!"}, 0.9), 141),
+        (({120: refusal, 140: "?"}, 0.9), 141),
+        (({120: refusal, 140: ",", 200: "."}, 0.9), 201),
     ]
-    got = _compare(tokenizer, tables, cases)
-    cap_stop = 128 + es.EXTRA_TOKENS
-    assert got[:9] == [151, 151, None, None, 130, cap_stop, None, 281, cap_stop]
-    assert got[9:] == [None, 151, 151, None, None, 151, 151, 151, 151, 151, 151, 151, None, 151, None]
+    got = _compare(tokenizer, tables, [case for case, _ in cases])
+    assert got == [expected for _, expected in cases]
 
 
 def test_window_check_with_short_rule_uses_half_the_cap(tokenizer, tables):
@@ -219,10 +268,11 @@ def test_window_check_with_short_rule_uses_half_the_cap(tokenizer, tables):
     rule = es.EarlyStopRule(check_from=8, check_every=4, check_until=40, window=8, extra_tokens=40)
     cases = [({3: " I cannot", 10: ".", 20: "!", 30: "?"}, 0.9),
              ({3: " I cannot", 10: ".", 23: "!"}, 0.9),  # the 24th token is not past half the cap
+             ({3: " I cannot", 10: ".", 24: "!"}, 0.9),  # the 25th is
              ({3: " I cannot"}, 0.9),
              ({3: " I cannot", 30: "?"}, 0.1)]
     got = _compare(tokenizer, tables, cases, rule, total=80)
-    assert got == [31, 48, 48, None]
+    assert got == [31, 48, 25, 48, None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,16 +302,15 @@ def _fake_texts(sentence_ends=()):
 
 
 def _engine_case(engine, prompts, alphas, settings, texts, phrase):
-    ids, lengths = es.pad_phrases([phrase])
-    tables = es.build_tables(texts, None, ids, lengths)
+    phrases = ["".join(texts[t] for t in phrase)]
+    tables = es.build_tables(texts, None, phrases)
     free = engine.decode(prompts, None, dataclasses.replace(settings, early_stop=False), alpha=alphas)
     stopped = engine.decode(prompts, None, dataclasses.replace(settings, early_stop=True), alpha=alphas,
                             early_stop_tables=tables)
     decode = lambda toks: "".join(texts[t] for t in toks)  # noqa: E731
-    phrases = ["".join(texts[t] for t in phrase)]
     n = settings.max_new_tokens
     for i, alpha in enumerate(alphas):
-        ref, _ = reference_stop(decode, free.sequence(i), alpha, settings.early_stop_rule, phrases)
+        ref, _ = reference_stop(decode, free.sequence(i), alpha, phrases, **_port_rule(settings.early_stop_rule))
         end = n if ref is None else ref
         assert stopped.lengths[i] == end
         assert stopped.sequence(i) == free.sequence(i)[:end]
@@ -282,7 +331,7 @@ def test_engine_early_stop_truncates_exactly_where_the_rule_says(pair):
     settings = DecodeSettings(mode="ngsd", max_new_tokens=200)
     free = engine.decode(prompts, None, settings, alpha=alphas)
     row = free.sequence(0)
-    phrase = row[100:102]  # in row 0's window at the first check (tokens 64..127)
+    phrase = row[100:102]  # in row 0's window at the first check (tokens 69..132)
     ends = {row[m - 1] for m in range(140, 200, 11)} - set(phrase)
     _, stopped = _engine_case(engine, prompts, alphas, settings, _fake_texts(ends), phrase)
     assert stopped.lengths[0] < 200  # the forced trigger stopped row 0 ...
@@ -298,6 +347,6 @@ def test_engine_early_stop_at_the_cap_with_a_short_rule(pair):
     rule = es.EarlyStopRule(check_from=16, check_every=5, check_until=40, window=8, extra_tokens=20)
     settings = DecodeSettings(mode="ngsd", max_new_tokens=64, early_stop_rule=rule)
     free = engine.decode(prompts, None, settings, alpha=0.9)
-    phrase = free.sequence(0)[12:13]  # one token in the window at 16
+    phrase = free.sequence(0)[12:13]  # one token in the window [12, 20) of the first check, at 20
     _, stopped = _engine_case(engine, prompts, [0.9], settings, _fake_texts(), phrase)
-    assert stopped.lengths[0] == 36  # no sentence ends: cap = 16 + 20
+    assert stopped.lengths[0] == 40  # no sentence ends: cap = 20 + 20

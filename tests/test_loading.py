@@ -21,9 +21,9 @@ from safetensors.numpy import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from ngsd_jax.config import ConfigError
+from ngsd_jax.engine import DecodeSettings, Engine
 from ngsd_jax.loading import CheckpointError, check_parameters, export_hf, load_model, save_params
 from ngsd_jax.lora import apply_lora
-from ngsd_jax.model import init_cache
 
 from conftest import hf_logits
 
@@ -456,10 +456,20 @@ def test_not_a_gguf_file(tmp_path):
     _assert_one_line(err.value, str(path), "not a readable GGUF file", "download it again")
 
 
-def test_sliding_window_shorter_than_cache(make_tiny_hf):
-    model = load_model(make_tiny_hf("mistral", sliding_window=16))
-    assert model.config.sliding_window == 16
-    init_cache(model.config, 1, 16)  # up to the window is exact
+def test_sliding_window_checks_real_lengths_of_the_models_in_use(make_tiny_hf):
+    # A 3,100-token prompt pads to the 4,096 bucket; with 128 new tokens the real sequence is
+    # 3,228 tokens, inside a 4,096-token window, though the bucket plus the budget is not.
+    small = dict(num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=8192)
+    base = load_model(make_tiny_hf("mistral", sliding_window=4096, **small))
+    expert = load_model(make_tiny_hf("mistral", seed=1, sliding_window=64, **small))
+    assert base.config.sliding_window == 4096
+    engine = Engine(base, expert, vocab_size=256, stop_ids=[])
+    prompt = np.random.RandomState(0).randint(3, 256, size=3100).tolist()
+    result = engine.decode([prompt], settings=DecodeSettings(mode="base", max_new_tokens=128))
+    assert result.lengths[0] == 128  # the expert's 64-token window does not matter: base mode never runs it
     with pytest.raises(ConfigError) as err:
-        init_cache(model.config, 1, 32)
-    _assert_one_line(err.value, "32 tokens", "sliding window of 16", "<= 16")
+        engine.decode([prompt], settings=DecodeSettings(mode="ngsd", max_new_tokens=128))
+    _assert_one_line(err.value, "3228 tokens", "the expert model's sliding window of 64", "<= 64")
+    with pytest.raises(ConfigError) as err:
+        engine.decode([prompt + [5] * 869], settings=DecodeSettings(mode="base", max_new_tokens=128))
+    _assert_one_line(err.value, "4097 tokens", "the base model's sliding window of 4096")
