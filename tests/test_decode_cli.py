@@ -139,7 +139,7 @@ def test_hub_ids_decode_from_an_offline_cache_as_the_local_directories_do(pair, 
     assert code == 0, err
     assert json.loads(from_hub)["tokens"] == json.loads(from_dirs)["tokens"]
     code, _, err = _run(capsys, "--base", "tiny-org/not-cached", "--expert", expert, *common)
-    assert code == 2 and err.startswith("error: tiny-org/not-cached: ") and "HF_HUB_OFFLINE" in err
+    assert code == 2 and err.startswith("error: base model tiny-org/not-cached: ") and "HF_HUB_OFFLINE" in err
     assert len(err.strip().splitlines()) == 1
 
 
