@@ -47,13 +47,30 @@ class RMSNorm(nnx.Module):
         return self.scale[...] * x32.astype(x.dtype)
 
 
+def tie_to_step(x, weight):
+    """Returns (x, weight) such that XLA cannot convert `weight` once for the whole decode loop.
+
+    XLA's CPU backend has no bf16 matmul: it converts both operands to fp32. A weight's
+    conversion does not depend on the step, so loop-invariant code motion hoists it out of
+    the `while_loop` and the program keeps an fp32 copy of every weight alive for the whole
+    decode (twice the bf16 model's size in temporaries). Passing the weight through an
+    optimization barrier together with the step's activation makes the conversion depend on
+    the step: it then happens per matmul, into a buffer the next matmul reuses. fp32
+    weights and accelerators (native bf16 matmuls) skip the barrier.
+    """
+    if weight.dtype == jnp.float32 or jax.default_backend() != "cpu":
+        return x, weight
+    return jax.lax.optimization_barrier((x, weight))
+
+
 class Linear(nnx.Module):
     def __init__(self, din: int, dout: int, axes: tuple[str, str], dtype, rngs: nnx.Rngs, bias: bool = False):
         self.kernel = nnx.Param(_normal(rngs, (din, dout), dtype), logical_axes=axes)
         self.bias = nnx.Param(jnp.zeros((dout,), dtype), logical_axes=(axes[1],)) if bias else None
 
     def __call__(self, x):
-        y = x @ self.kernel[...]
+        x, kernel = tie_to_step(x, self.kernel[...])
+        y = x @ kernel
         return y if self.bias is None else y + self.bias[...]
 
 
@@ -163,7 +180,8 @@ class Decoder(nnx.Module):
     def __call__(self, tokens, positions, cache: KVCache | None = None):
         """tokens, positions: [B, T] int32. With a cache, the T tokens are written into it at
         positions[:, 0] onwards; without one, they attend only to each other (training)."""
-        x = jnp.take(self.embedding[...], tokens, axis=0)
+        tokens, table = tie_to_step(tokens, self.embedding[...])
+        x = jnp.take(table, tokens, axis=0)
         inv_freq = jnp.asarray(rope_inverse_frequencies(self.config))
         new_cache = []
         for i, layer in enumerate(self.layers):
@@ -172,8 +190,12 @@ class Decoder(nnx.Module):
         return self.final_norm(x), (None if cache is None else tuple(new_cache))
 
     def logits(self, hidden):
-        head = self.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
-        return jnp.matmul(hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+        # A tied head contracts the embedding table's own rows: a transposed copy of the table
+        # would be loop-invariant, and XLA would keep it for the whole decode.
+        tied = self.lm_head is None
+        hidden, head = tie_to_step(hidden, self.embedding[...] if tied else self.lm_head.kernel[...])
+        contract = ((hidden.ndim - 1,), (1 if tied else 0,)), ((), ())
+        return jax.lax.dot_general(hidden, head.astype(hidden.dtype), contract, preferred_element_type=jnp.float32)
 
     @property
     def dtype(self):

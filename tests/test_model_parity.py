@@ -194,3 +194,27 @@ def test_smollm2_greedy_tokens_equal_transformers_generate():
     got = _greedy(load_model(path), prompts, NEW_TOKENS)
     for prompt, e, g in zip(CHAT_PROMPTS, expected, got):
         assert g == e, f"{prompt!r}: ours {tokenizer.decode(g)!r} != transformers {tokenizer.decode(e)!r}"
+
+
+@pytest.mark.parametrize("family, overrides", [("llama", {}), ("qwen3", dict(tie_word_embeddings=True))])
+def test_bf16_kv_cache_logits_close_to_transformers(make_tiny_hf, hf_model, family, overrides):
+    """bf16 weights and cache (on CPU: each matmul's fp32 conversion inside the step) against
+    transformers in fp32, within bf16's precision of the logits' spread."""
+    path = make_tiny_hf(family, **overrides)
+    hf, ours = hf_model(path), load_model(path, jnp.bfloat16)
+    seqs = _sequences([10, 4], ours.config.vocab_size, seed=3)
+    expected = [hf_logits(hf, s) for s in seqs]
+    step = nnx.jit(lambda m, t, p, c: (lambda h, c: (m.logits(h), c))(*m(t, p, c)))
+    cache = init_cache(ours.config, 2, 16, jnp.bfloat16)
+    prompt = _right_pad([s[:3] for s in seqs])
+    logits, cache = step(ours, jnp.asarray(prompt), jnp.asarray(np.broadcast_to(np.arange(3), (2, 3)), jnp.int32),
+                         cache)
+    worst = max(float(np.abs(np.asarray(logits)[i, :3] - expected[i][:3]).max()) for i in range(2))
+    for p in range(3, 10):
+        rows = [i for i, s in enumerate(seqs) if p < len(s)]
+        tok = np.array([seqs[i][p] if p < len(seqs[i]) else PAD for i in range(2)], np.int32)
+        logits, cache = step(ours, jnp.asarray(tok[:, None]), jnp.full((2, 1), p, jnp.int32), cache)
+        worst = max(worst, *(float(np.abs(np.asarray(logits)[i, 0] - expected[i][p]).max()) for i in rows))
+    spread = float(np.ptp(expected[0]))
+    print(f"\n{family} bf16: max|diff| {worst:.3f}, logit spread {spread:.2f}")
+    assert spread > 1.0 and worst <= 0.03 * spread
