@@ -265,8 +265,9 @@ class Engine:
         # Needed only by settings with early_stop=True; on the device once (the automaton is V x ~160).
         self.early_stop_tables = None if early_stop_tables is None else jax.device_put(early_stop_tables)
         self.compilations = 0
-        self._jitted = jax.jit(self._traced, static_argnums=(0, 1, 2, 3))
-        self._prefill_jitted = jax.jit(_next_token_probabilities, static_argnums=(0, 1))
+        options = _compiler_options(self.base_params, self.expert_params)
+        self._jitted = jax.jit(self._traced, static_argnums=(0, 1, 2, 3), compiler_options=options)
+        self._prefill_jitted = jax.jit(_next_token_probabilities, static_argnums=(0, 1), compiler_options=options)
 
     def _traced(self, base_graph, expert_graph, settings, vocab_size, params, inputs):
         self.compilations += 1  # runs only while tracing, so it counts compilations
@@ -288,6 +289,25 @@ class Engine:
         default to the base prompts; `alpha` is a scalar or one value per prompt; `stop_ids`
         replaces the engine's stop tokens for this call; `early_stop_tables` (else the engine's)
         serve settings with early_stop=True."""
+        arguments, real, stops = self._program_arguments(base_prompts, expert_prompts, settings, alpha, temperature,
+                                                         top_p, seed, stop_ids, early_stop_tables)
+        outputs = self._jitted(*arguments)
+        tokens, d, v, spike, alpha_in_force, *cap = (np.asarray(x)[:real] for x in jax.device_get(outputs))
+        lengths = _generated_lengths(tokens, stops)
+        if cap:  # an early-stopped row's cap is its length
+            lengths = np.minimum(lengths, cap[0]).astype(np.int32)
+        return DecodeResult(tokens, lengths, d, v, spike, alpha_in_force)
+
+    def lower(self, base_prompts: list[list[int]], settings: DecodeSettings = DecodeSettings()) -> jax.stages.Lowered:
+        """The program `decode` would run for these prompts, lowered without running it: its
+        `.compile().memory_analysis()` gives the arguments and temporaries it needs, and the
+        engine's parameters may be abstract (`jax.ShapeDtypeStruct`, e.g. from `abstract_decoder`)."""
+        arguments, _, _ = self._program_arguments(base_prompts, None, settings, 0.5, 0.0, 1.0, 0, None, None)
+        return self._jitted.lower(*arguments)
+
+    def _program_arguments(self, base_prompts, expert_prompts, settings, alpha, temperature, top_p, seed, stop_ids,
+                           early_stop_tables):
+        """The jitted program's arguments for a batch, its real size and the stop tokens in force."""
         expert_prompts = base_prompts if expert_prompts is None else expert_prompts
         if len(expert_prompts) != len(base_prompts):
             raise ValueError("base and expert prompts must be the same batch")
@@ -331,14 +351,10 @@ class Engine:
             inputs["early_stop"] = tables
         params = {"base": self.base_params if settings.uses_base else None,
                   "expert": self.expert_params if settings.uses_expert else None}
-        outputs = self._jitted(self.base_graph if settings.uses_base else None,
-                               self.expert_graph if settings.uses_expert else None,
-                               settings, self.vocab_size, params, inputs)
-        tokens, d, v, spike, alpha_in_force, *cap = (np.asarray(x)[:real] for x in jax.device_get(outputs))
-        lengths = _generated_lengths(tokens, stops)
-        if cap:  # an early-stopped row's cap is its length
-            lengths = np.minimum(lengths, cap[0]).astype(np.int32)
-        return DecodeResult(tokens, lengths, d, v, spike, alpha_in_force)
+        arguments = (self.base_graph if settings.uses_base else None,
+                     self.expert_graph if settings.uses_expert else None,
+                     settings, self.vocab_size, params, inputs)
+        return arguments, real, stops
 
     def next_token_distribution(self, prompts: list[list[int]], model: str = "base") -> np.ndarray:
         """p(next token) after each prompt, from one prefill: [len(prompts), vocab_size] fp32."""
@@ -367,6 +383,21 @@ def _next_token_probabilities(graph, vocab_size, params, prompt, lengths):
     cache = init_cache(model.config, prompt.shape[0], prompt.shape[1], model.dtype)
     logits, _ = _prefill(model, prompt, lengths, cache)
     return _probabilities(logits, vocab_size)
+
+
+def _compiler_options(*params) -> dict | None:
+    """XLA options for programs over these parameters.
+
+    XLA's CPU backend converts bf16 weights to fp32 for its matmuls (`model.tie_to_step` keeps
+    the conversions inside the decode loop). Its default scheduler orders for concurrency and
+    runs every conversion first, since each needs only a weight, so all the fp32 copies are
+    alive at once (twice the bf16 model in temporaries); the memory-minimising scheduler
+    places each conversion beside its matmul, into a buffer the next one reuses.
+    """
+    dtypes = {leaf.dtype for p in params if p is not None for leaf in jax.tree_util.tree_leaves(p)}
+    if jax.default_backend() == "cpu" and dtypes - {jnp.dtype(jnp.float32)}:
+        return {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+    return None
 
 
 def _stop_array(stop_ids) -> np.ndarray:

@@ -48,13 +48,31 @@ class RMSNorm(nnx.Module):
         return self.scale[...] * x32.astype(x.dtype)
 
 
+def tie_to_step(x, weight):
+    """Returns (x, weight) such that XLA cannot convert `weight` once for the whole decode loop.
+
+    XLA's CPU backend has no bf16 matmul: it converts both operands to fp32. A weight's
+    conversion does not depend on the step, so loop-invariant code motion hoists it out of
+    the `while_loop` and the program keeps an fp32 copy of every weight alive for the whole
+    decode (twice the bf16 model's size in temporaries). Passing the weight through an
+    optimization barrier together with the step's activation makes the conversion depend on
+    the step, and the engine's memory-minimising CPU scheduler (`engine._compiler_options`)
+    places it beside its matmul, into a buffer the next matmul reuses. fp32 weights and
+    accelerators (native bf16 matmuls) skip the barrier.
+    """
+    if weight.dtype == jnp.float32 or jax.default_backend() != "cpu":
+        return x, weight
+    return jax.lax.optimization_barrier((x, weight))
+
+
 class Linear(nnx.Module):
     def __init__(self, din: int, dout: int, axes: tuple[str, str], dtype, rngs: nnx.Rngs, bias: bool = False):
         self.kernel = nnx.Param(_normal(rngs, (din, dout), dtype), logical_axes=axes)
         self.bias = nnx.Param(jnp.zeros((dout,), dtype), logical_axes=(axes[1],)) if bias else None
 
     def __call__(self, x):
-        y = x @ self.kernel[...]
+        x, kernel = tie_to_step(x, self.kernel[...])
+        y = x @ kernel
         return y if self.bias is None else y + self.bias[...]
 
 
@@ -110,14 +128,85 @@ class Attention(nnx.Module):
 
         groups = self.num_heads // self.num_kv_heads
         q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
-        scores = jnp.einsum(
-            "btkgh,bksh->bkgts", q, keys.astype(q.dtype), preferred_element_type=jnp.float32
-        ) / np.sqrt(self.head_dim).astype(np.float32)
-        visible = key_positions[:, None, None, None, :] <= positions[:, None, None, :, None]
-        scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        out = jnp.einsum("bkgts,bksh->btkgh", weights, values.astype(x.dtype))
+        if keys.shape[2] <= DENSE_ATTENTION_MAX_KEYS:
+            out = _dense_attention(q, keys, values, positions, key_positions)
+        else:
+            # With a cache, key i sits at position i, so key blocks past the queries' last
+            # position can be skipped: a prefill reads its prompt's blocks, not the budget, and a
+            # decode step the blocks up to the longest live row.
+            out = _blocked_attention(q, keys, values, positions, key_positions, ATTENTION_BLOCK,
+                                     skip_future=layer_cache is not None)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), layer_cache
+
+
+# Up to this many keys attention scores all keys at once ([B, heads, T, S] fp32 is at most
+# heads x B x 1 MB); beyond, it runs over blocks of ATTENTION_BLOCK queries and keys with an
+# online softmax, so no more than [B, heads, block, block] scores exist at a time.
+DENSE_ATTENTION_MAX_KEYS = 512
+ATTENTION_BLOCK = 256
+
+
+def _dense_attention(q, keys, values, positions, key_positions):
+    """q: [B, T, kv_heads, groups, hd]; keys, values: [B, kv_heads, S, hd] -> [B, T, kv_heads, groups, hd]."""
+    scores = jnp.einsum(
+        "btkgh,bksh->bkgts", q, keys.astype(q.dtype), preferred_element_type=jnp.float32
+    ) / np.sqrt(q.shape[-1]).astype(np.float32)
+    visible = key_positions[:, None, None, None, :] <= positions[:, None, None, :, None]
+    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    return jnp.einsum("bkgts,bksh->btkgh", weights, values.astype(q.dtype))
+
+
+def _blocked_attention(q, keys, values, positions, key_positions, block: int, skip_future: bool):
+    """The same attention as `_dense_attention`, one block of queries and one of keys at a time
+    (online softmax, as in flash attention). With `skip_future`, key index i must be position
+    i (a KV cache), and a query block stops at the key block holding its last position."""
+    b, t, kv_heads, groups, hd = q.shape
+    s = keys.shape[2]
+    query_block = min(t, block)
+    query_blocks, key_blocks = -(-t // query_block), -(-s // block)
+    pad = query_blocks * query_block - t
+    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
+    positions = jnp.pad(positions, ((0, 0), (0, pad)), mode="edge")
+    scale = 1.0 / np.sqrt(hd).astype(np.float32)
+    lowest = jnp.finfo(jnp.float32).min
+
+    def one_query_block(c, out):
+        q_c = jax.lax.dynamic_slice_in_dim(q, c * query_block, query_block, axis=1)
+        pos_c = jax.lax.dynamic_slice_in_dim(positions, c * query_block, query_block, axis=1)
+
+        def one_key_block(i, carry):
+            running_max, denominator, accumulated = carry
+            # The last block is moved back to end at S (slices stay in bounds); keys it
+            # shares with the block before are masked so that none is counted twice.
+            start = jnp.minimum(i * block, s - block)
+            k_i = jax.lax.dynamic_slice_in_dim(keys, start, block, axis=2)
+            v_i = jax.lax.dynamic_slice_in_dim(values, start, block, axis=2)
+            key_pos = jax.lax.dynamic_slice_in_dim(key_positions, start, block, axis=1)
+            new_key = start + jnp.arange(block) >= i * block
+            scores = jnp.einsum("btkgh,bksh->bkgts", q_c, k_i.astype(q.dtype),
+                                preferred_element_type=jnp.float32) * scale
+            visible = (key_pos[:, None, None, None, :] <= pos_c[:, None, None, :, None]) & new_key
+            scores = jnp.where(visible, scores, lowest)
+            new_max = jnp.maximum(running_max, scores.max(axis=-1))
+            weights = jnp.exp(scores - new_max[..., None])
+            rescale = jnp.exp(running_max - new_max)
+            accumulated = accumulated * rescale[..., None] + jnp.einsum(
+                "bkgts,bksh->bkgth", weights.astype(q.dtype), v_i.astype(q.dtype), preferred_element_type=jnp.float32)
+            return new_max, denominator * rescale + weights.sum(axis=-1), accumulated
+
+        stats_shape = (b, kv_heads, groups, query_block)
+        init = (jnp.full(stats_shape, lowest), jnp.zeros(stats_shape, jnp.float32),
+                jnp.zeros(stats_shape + (hd,), jnp.float32))
+        # Block 0 holds position 0, which every query sees, so the running max is a real score
+        # after it and masked keys then weigh exp(lowest - max) = 0.
+        last = jnp.minimum(key_blocks, jnp.max(pos_c) // block + 1) if skip_future else key_blocks
+        _, denominator, accumulated = jax.lax.fori_loop(0, last, one_key_block, init)
+        block_out = (accumulated / denominator[..., None]).astype(q.dtype).transpose(0, 3, 1, 2, 4)
+        return jax.lax.dynamic_update_slice_in_dim(out, block_out, c * query_block, axis=1)
+
+    out = jax.lax.fori_loop(0, query_blocks, one_query_block, jnp.zeros_like(q))
+    return out[:, :t]
 
 
 class MLP(nnx.Module):
@@ -164,7 +253,8 @@ class Decoder(nnx.Module):
     def __call__(self, tokens, positions, cache: KVCache | None = None):
         """tokens, positions: [B, T] int32. With a cache, the T tokens are written into it at
         positions[:, 0] onwards; without one, they attend only to each other (training)."""
-        x = jnp.take(self.embedding[...], tokens, axis=0)
+        tokens, table = tie_to_step(tokens, self.embedding[...])
+        x = jnp.take(table, tokens, axis=0)
         inv_freq = jnp.asarray(rope_inverse_frequencies(self.config))
         new_cache = []
         for i, layer in enumerate(self.layers):
@@ -173,8 +263,12 @@ class Decoder(nnx.Module):
         return self.final_norm(x), (None if cache is None else tuple(new_cache))
 
     def logits(self, hidden):
-        head = self.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
-        return jnp.matmul(hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+        # A tied head contracts the embedding table's own rows: a transposed copy of the table
+        # would be loop-invariant, and XLA would keep it for the whole decode.
+        tied = self.lm_head is None
+        hidden, head = tie_to_step(hidden, self.embedding[...] if tied else self.lm_head.kernel[...])
+        contract = ((hidden.ndim - 1,), (1 if tied else 0,)), ((), ())
+        return jax.lax.dot_general(hidden, head.astype(hidden.dtype), contract, preferred_element_type=jnp.float32)
 
     @property
     def dtype(self):

@@ -194,3 +194,86 @@ def test_smollm2_greedy_tokens_equal_transformers_generate():
     got = _greedy(load_model(path), prompts, NEW_TOKENS)
     for prompt, e, g in zip(CHAT_PROMPTS, expected, got):
         assert g == e, f"{prompt!r}: ours {tokenizer.decode(g)!r} != transformers {tokenizer.decode(e)!r}"
+
+
+# ----------------------------------------------------------------------------- blocked attention
+
+
+@pytest.mark.parametrize("t, s, block", [(11, 23, 4), (1, 23, 4), (16, 16, 8), (5, 9, 4)])
+@pytest.mark.parametrize("skip_future", [False, True])
+def test_blocked_attention_equals_dense(t, s, block, skip_future):
+    """Blocks that do not divide the queries or keys (a clamped last key block, padded
+    queries), single-token decode, and skipping key blocks past the last query position."""
+    import jax
+
+    from ngsd_jax.model import _blocked_attention, _dense_attention
+
+    rng = np.random.default_rng(0)
+    b, kv_heads, groups, hd = 3, 2, 2, 8
+    q = jnp.asarray(rng.standard_normal((b, t, kv_heads, groups, hd)), jnp.float32)
+    keys, values = (jnp.asarray(rng.standard_normal((b, kv_heads, s, hd)), jnp.float32) for _ in range(2))
+    key_positions = jnp.broadcast_to(jnp.arange(s), (b, s))
+    # Rows at different offsets into the keys, as in a cache: row 2 sees every key.
+    positions = jnp.asarray(np.arange(t)[None, :] + np.array([0, 3, s - t])[:, None], jnp.int32)
+    expected = _dense_attention(q, keys, values, positions, key_positions)
+    got = jax.jit(_blocked_attention, static_argnums=(5, 6))(q, keys, values, positions, key_positions, block,
+                                                              skip_future)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_blocked_attention_logits_match_transformers(make_tiny_hf, hf_model, monkeypatch):
+    """The whole model through blocked attention (blocks of 4, so prefill, the cache and every
+    decode step span several blocks), with and without a cache, against transformers."""
+    import ngsd_jax.model as model_module
+
+    monkeypatch.setattr(model_module, "DENSE_ATTENTION_MAX_KEYS", 4)
+    monkeypatch.setattr(model_module, "ATTENTION_BLOCK", 4)
+    path = make_tiny_hf("llama")
+    hf, ours = hf_model(path), load_model(path)
+    seqs = _sequences([14, 8], ours.config.vocab_size, seed=2)
+    tokens = _right_pad(seqs)
+    positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
+    hidden, _ = ours(jnp.asarray(tokens), jnp.asarray(positions))
+    logits = np.asarray(ours.logits(hidden))
+    worst = max(float(np.abs(logits[i, : len(s)] - hf_logits(hf, s)).max()) for i, s in enumerate(seqs))
+    assert worst <= TOL
+
+    prefix, steps = [9, 3], 5
+    cache = init_cache(ours.config, 2, 9 + steps + 2)
+    prompt = _right_pad([s[:n] for s, n in zip(seqs, prefix)])
+    hidden, cache = ours(jnp.asarray(prompt), jnp.asarray(np.broadcast_to(np.arange(9), (2, 9)).astype(np.int32)),
+                         cache)
+    logits = np.asarray(ours.logits(hidden))
+    expected = [hf_logits(hf, s) for s in seqs]
+    worst = max(float(np.abs(logits[i, :n] - expected[i][:n]).max()) for i, n in enumerate(prefix))
+    for step in range(steps):
+        pos = np.array([n + step for n in prefix], np.int32)
+        tok = np.array([s[p] for s, p in zip(seqs, pos)], np.int32)
+        hidden, cache = ours(jnp.asarray(tok[:, None]), jnp.asarray(pos[:, None]), cache)
+        logits = np.asarray(ours.logits(hidden))[:, 0]
+        worst = max(worst, *(float(np.abs(logits[i] - expected[i][p]).max()) for i, p in enumerate(pos)))
+    assert worst <= TOL
+
+
+@pytest.mark.parametrize("family, overrides", [("llama", {}), ("qwen3", dict(tie_word_embeddings=True))])
+def test_bf16_kv_cache_logits_close_to_transformers(make_tiny_hf, hf_model, family, overrides):
+    """bf16 weights and cache (on CPU: each matmul's fp32 conversion inside the step) against
+    transformers in fp32, within bf16's precision of the logits' spread."""
+    path = make_tiny_hf(family, **overrides)
+    hf, ours = hf_model(path), load_model(path, jnp.bfloat16)
+    seqs = _sequences([10, 4], ours.config.vocab_size, seed=3)
+    expected = [hf_logits(hf, s) for s in seqs]
+    step = nnx.jit(lambda m, t, p, c: (lambda h, c: (m.logits(h), c))(*m(t, p, c)))
+    cache = init_cache(ours.config, 2, 16, jnp.bfloat16)
+    prompt = _right_pad([s[:3] for s in seqs])
+    logits, cache = step(ours, jnp.asarray(prompt), jnp.asarray(np.broadcast_to(np.arange(3), (2, 3)), jnp.int32),
+                         cache)
+    worst = max(float(np.abs(np.asarray(logits)[i, :3] - expected[i][:3]).max()) for i in range(2))
+    for p in range(3, 10):
+        rows = [i for i, s in enumerate(seqs) if p < len(s)]
+        tok = np.array([seqs[i][p] if p < len(seqs[i]) else PAD for i in range(2)], np.int32)
+        logits, cache = step(ours, jnp.asarray(tok[:, None]), jnp.full((2, 1), p, jnp.int32), cache)
+        worst = max(worst, *(float(np.abs(np.asarray(logits)[i, 0] - expected[i][p]).max()) for i in rows))
+    spread = float(np.ptp(expected[0]))
+    print(f"\n{family} bf16: max|diff| {worst:.3f}, logit spread {spread:.2f}")
+    assert spread > 1.0 and worst <= 0.03 * spread
