@@ -312,10 +312,12 @@ def load_params(directory: str | Path, dtype=jnp.float32, mesh=None, placement: 
     directory = Path(directory).absolute()
     config = load_config(directory)
     model = abstract_decoder(config, dtype)
-    if mesh is not None:
-        for var in _param_leaves(model).values():
-            var.set_value(jax.ShapeDtypeStruct(var.shape, var.dtype,
-                                               sharding=sharding.parameter_sharding(config, var, mesh, placement)))
+    # Always name the target placement: without one, orbax restores onto the mesh the checkpoint
+    # was saved from, which may not exist here.
+    for var in _param_leaves(model).values():
+        target = (jax.sharding.SingleDeviceSharding(jax.devices()[0]) if mesh is None
+                  else sharding.parameter_sharding(config, var, mesh, placement))
+        var.set_value(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=target))
     graphdef, abstract_state = nnx.split(model, nnx.Param)
     try:
         with ocp.StandardCheckpointer() as checkpointer:

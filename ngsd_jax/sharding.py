@@ -154,13 +154,23 @@ def place(array, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
+def put(value, sharding: NamedSharding) -> jax.Array:
+    """`value` (a host array or a device array) placed per `sharding`. A value on one device
+    goes through the host, which also works when the mesh spans other hosts' devices."""
+    if isinstance(value, jax.Array) and value.sharding.is_equivalent_to(sharding, value.ndim):
+        return value
+    if isinstance(value, jax.Array) and len(value.sharding.device_set) > 1:
+        return jax.device_put(value, sharding)
+    return place(value, sharding)
+
+
 def shard_model(model: Decoder, mesh: Mesh, placement: str = "sharded") -> Decoder:
     """Places every parameter of `model` on `mesh`, in place; returns the model."""
     if placement not in PLACEMENTS:
         raise MeshError(f"unknown placement '{placement}'; choose one of {', '.join(PLACEMENTS)}")
     for _, var in nnx.iter_graph(model):
         if isinstance(var, nnx.Param):
-            var.set_value(jax.device_put(var[...], parameter_sharding(model.config, var, mesh, placement)))
+            var.set_value(put(var[...], parameter_sharding(model.config, var, mesh, placement)))
     return model
 
 
