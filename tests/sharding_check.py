@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 import tempfile
 
@@ -41,8 +42,17 @@ def tiny_llama(seed: int, directory: str):
 
 def decode(base, expert, mesh=None):
     engine = Engine(base, expert, vocab_size=256, stop_ids=[2], mesh=mesh)
+    calls = []
+    program = engine._jitted
+    engine._jitted = lambda *args: calls.append(args) or program(*args)  # keeps the arguments for lowering
     result = engine.decode(PROMPTS, settings=DecodeSettings(mode="ngsd", max_new_tokens=16), alpha=0.9)
-    return result, engine
+    return result, engine, program.lower(*calls[0]).compile().as_text()
+
+
+def cache_shapes(hlo: str) -> list[list[int]]:
+    """The per-device [rows, kv heads] of every KV-cache-shaped buffer ([*, *, 16 + 16, head_dim 16])
+    in the partitioned program."""
+    return sorted({(int(b), int(h)) for b, h in re.findall(r"f32\[(\d+),(\d+),32,16\]", hlo)})
 
 
 def forward_logits(model, tokens):
@@ -70,14 +80,15 @@ def main():
         tiny_llama(0, base_dir)
         tiny_llama(1, expert_dir)
         tokens = np.array(PROMPTS[1:2], np.int32)
-        reference, _ = decode(load_model(base_dir), load_model(expert_dir))
+        reference, _, hlo = decode(load_model(base_dir), load_model(expert_dir))
+        out["one_device_cache_shapes"] = cache_shapes(hlo)
         logits_before = forward_logits(load_model(base_dir), tokens)
         out["spikes"] = int(reference.spike.sum())
         for text, expert_placement in MESHES:
             mesh = make_mesh(parse_mesh(text, jax.device_count()))
             base = load_model(base_dir, mesh=mesh)
             expert = load_model(expert_dir, mesh=mesh, placement=expert_placement)
-            sharded, engine = decode(base, expert, mesh)
+            sharded, engine, hlo = decode(base, expert, mesh)
             logits_after = forward_logits(base, tokens)
             out["meshes"][f"{text}/{expert_placement}"] = {
                 "tokens_equal": bool(np.array_equal(reference.tokens, sharded.tokens)),
@@ -87,6 +98,7 @@ def main():
                 "logits_diff": float(np.abs(logits_before - logits_after).max()),
                 "logits_scale": float(np.abs(logits_before).max()),
                 "output_spec": list(engine.output_sharding.spec),
+                "cache_shapes": cache_shapes(hlo),
                 "output_shard_rows": sorted({s.data.shape[0] for s in jax.device_put(
                     np.zeros((8, 1)), engine.output_sharding).addressable_shards}),
                 "q_spec": spec(base.layers[0].attn.q_proj.kernel[...]),

@@ -60,6 +60,15 @@ def test_batch_is_split_over_data_and_fsdp(result, mesh, rows):
     assert result["meshes"][mesh]["output_shard_rows"] == [rows]
 
 
+@pytest.mark.parametrize("mesh, rows", [("data=8/sharded", 1), ("tensor=8/sharded", 4), ("data=2,tensor=4/sharded", 2),
+                                        ("data=2,fsdp=2,tensor=2/sharded", 1), ("data=2,tensor=4/replicated", 2)])
+def test_kv_caches_in_the_loop_hold_only_the_devices_rows(result, mesh, rows):
+    # Per-device buffer shapes in the compiled, partitioned program: no device ever holds a KV
+    # cache of the whole batch (3 prompts padded to 4 rows, or to 8 on data=8).
+    assert result["one_device_cache_shapes"] == [[4, 2]]
+    assert {b for b, _ in result["meshes"][mesh]["cache_shapes"]} == {rows}
+
+
 def test_params_are_really_sharded(result):
     r = result["meshes"]["data=2,tensor=4/sharded"]
     rows, cols = r["q_shape"]
