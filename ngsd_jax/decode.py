@@ -141,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("--safedecoding-m", type=int, default=None, help="SafeDecoding: steered tokens (2)")
     gate.add_argument("--safedecoding-alpha", type=float, default=None, help="SafeDecoding: alpha (3)")
     gate.add_argument("--safedecoding-common", type=int, default=None, help="SafeDecoding: common tokens c (5)")
+    models.add_argument("--expert-placement", choices=("sharded", "replicated"), default="sharded",
+                        help="the expert's weights split over the mesh like the base's (default) or a copy on "
+                             "every device (a small expert beside a big base: no all-reduces for it)")
+    from ngsd_jax import distributed
+
+    distributed.add_arguments(p)
     out = p.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="one JSON object per prompt (with trace and reflection)")
     out.add_argument("--trace", action="store_true", help="print D, v, spike and alpha per generated token")
@@ -276,7 +282,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return run(args)
-    except (UsageError, ValueError, OSError) as err:
+    except (UsageError, ValueError, OSError) as err:  # MeshError and MemoryPlanError are ValueErrors
         print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
         return 2
 
@@ -288,6 +294,9 @@ def run(args) -> int:
     options = resolve_options(args)
     check_options(options, args)
 
+    from ngsd_jax import distributed
+
+    distributed.initialize(args.multi_host)  # before any other jax call
     import jax.numpy as jnp
     from tqdm import tqdm
 
@@ -308,10 +317,17 @@ def run(args) -> int:
         if mismatch:
             raise UsageError(mismatch)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[options.dtype]
-    base = load_model(base_path, dtype) if uses_base else None
-    expert = load_model(expert_path, dtype) if uses_expert else None
+    chats = [(base_tok, options.system_prompt, options.chat_template),
+             (expert_tok, options.expert_system_prompt, options.expert_chat_template)]
+    widest = max(len(encode_chat(tok, p, system, template, args.prefill, thinking=options.thinking)) for p in prompts
+                 for tok, system, template in chats if tok is not None)
+    models = [(name, path, placement) for name, path, placement, used in (
+        ("base", base_path, "sharded", uses_base), ("expert", expert_path, args.expert_placement, uses_expert)) if used]
+    mesh = plan_devices(args, models, dtype, min(args.batch_size, len(prompts)), widest, options.max_new_tokens)
+    base = load_model(base_path, dtype, mesh) if uses_base else None
+    expert = load_model(expert_path, dtype, mesh, args.expert_placement) if uses_expert else None
     vocab_size = _distribution_size(options.softmax_over, len(base_tok), base, expert)
-    engine = Engine(base, expert, vocab_size=vocab_size,
+    engine = Engine(base, expert, mesh=mesh, vocab_size=vocab_size,
                     stop_ids=stop_token_ids(base_tok, (base or expert).config, options.chat_template),
                     pad_id=base_tok.pad_token_id or 0,
                     early_stop_tables=early_stop_tables(base_tok, vocab_size) if options.early_stop else None)
@@ -324,7 +340,9 @@ def run(args) -> int:
     )
     reflect_mode = options.reflect if options.mode in ("ngsd", "always") else "off"
     batches = [prompts[i: i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
-    progress = tqdm(total=len(prompts), unit="prompt", disable=len(batches) == 1 or not sys.stderr.isatty(),
+    primary = distributed.is_primary()
+    progress = tqdm(total=len(prompts), unit="prompt",
+                    disable=len(batches) == 1 or not sys.stderr.isatty() or not primary,
                     desc=f"decoding ({options.mode})")
     for batch in batches:
         reflections = reflect(engine, base_tok, batch, reflect_mode, options.alpha, options.chat_template,
@@ -340,12 +358,32 @@ def run(args) -> int:
         result = engine.decode(base_prompts if uses_base else expert_prompts, expert_prompts, settings,
                                alpha=[r.alpha for r in reflections], temperature=args.temperature,
                                top_p=args.top_p, seed=args.seed)
-        for i, prompt in enumerate(batch):
+        for i, prompt in enumerate(batch if primary else ()):
             text = base_tok.decode(result.sequence(i), skip_special_tokens=True)
             _emit(args, options, prompt, text, result, i, reflections[i], base_tok)
         progress.update(len(batch))
     progress.close()
     return 0
+
+
+def plan_devices(args, models, dtype, batch: int, widest_prompt: int, new_tokens: int):
+    """Chooses the mesh (None: one device, the unsharded program), prints the memory plan and
+    refuses a configuration that does not fit. `models`: (name, path, placement) per model used."""
+    from ngsd_jax import distributed
+    from ngsd_jax.engine import bucket_length
+    from ngsd_jax.loading import load_model_config
+    from ngsd_jax.memory import check_fits, decode_plan, device_memory
+    from ngsd_jax.sharding import make_mesh
+
+    configs = [(name, load_model_config(path), dtype, placement) for name, path, placement in models]
+    width = bucket_length(widest_prompt)
+    plan_for = lambda mesh, rows=batch: decode_plan(configs, mesh, rows, width, new_tokens)  # noqa: E731
+    capacity = device_memory(args.device_memory)
+    shape = distributed.choose_mesh(args.mesh, plan_for, capacity)
+    plan = plan_for(shape)
+    distributed.say(f"ngsd-jax decode: {plan.describe(capacity)}")
+    check_fits(plan, capacity, plan_for)
+    return None if shape.size == 1 else make_mesh(shape)
 
 
 def _emit(args, options, prompt, text, result, i, reflection, tokenizer) -> None:

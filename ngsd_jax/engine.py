@@ -21,6 +21,7 @@ from flax import nnx
 
 from ngsd_jax import early_stop as es
 from ngsd_jax import ngsd
+from ngsd_jax import sharding as sh
 from ngsd_jax.model import Decoder, init_cache
 
 MODES = ("ngsd", "base", "expert", "always", "safedecoding")
@@ -160,7 +161,7 @@ def _choose(settings: DecodeSettings, state: DecodeState, alpha, temperature, to
     return scores, d, state.v, jnp.broadcast_to(active, (batch,)), in_force
 
 
-def _decode(base_graph, expert_graph, settings: DecodeSettings, vocab_size: int, params, inputs):
+def _decode(base_graph, expert_graph, settings: DecodeSettings, vocab_size: int, params, inputs, mesh=None):
     base = nnx.merge(base_graph, params["base"]) if settings.uses_base else None
     expert = nnx.merge(expert_graph, params["expert"]) if settings.uses_expert else None
     alpha, temperature, top_p = inputs["alpha"], inputs["temperature"], inputs["top_p"]
@@ -196,6 +197,9 @@ def _decode(base_graph, expert_graph, settings: DecodeSettings, vocab_size: int,
         cap=jnp.full((batch,), es.NO_CAP, jnp.int32) if settings.early_stop else None,
         triggered=jnp.zeros((batch,), bool) if settings.early_stop else None,
     )
+    # Under a mesh every per-sequence array of the loop state (caches, neuron, traces) stays
+    # split over the batch axes; without the constraint XLA may replicate freshly created ones.
+    state = sh.constrain_batch(state, mesh)
 
     def body(s: DecodeState) -> DecodeState:
         scores, d, v, spike, in_force = _choose(settings, s, alpha, temperature, top_p, vocab_size)
@@ -234,7 +238,7 @@ def _decode(base_graph, expert_graph, settings: DecodeSettings, vocab_size: int,
             stop, cap, triggered = es.early_stop_step(inputs["early_stop"], settings.early_stop_rule, new.tokens,
                                                       s.step + 1, alpha, s.cap, s.triggered, live)
             new = new._replace(done=new.done | stop, cap=cap, triggered=triggered)
-        return new
+        return sh.constrain_batch(new, mesh)
 
     def cond(s: DecodeState):
         return (s.step < n) & ~jnp.all(s.done)
@@ -248,7 +252,9 @@ class Engine:
     """Holds a base/expert pair split into pure parameter pytrees and one jitted program per bucket."""
 
     def __init__(self, base: Decoder | None, expert: Decoder | None, vocab_size: int, stop_ids, pad_id: int = 0,
-                 early_stop_tables: es.EarlyStopTables | None = None):
+                 early_stop_tables: es.EarlyStopTables | None = None, mesh=None):
+        """`mesh` (a ngsd_jax.sharding mesh; models already placed on it with `shard_model`)
+        splits the batch over its data and fsdp axes."""
         if base is None and expert is None:
             raise ValueError("an engine needs at least one model")
         self.vocab_size = int(vocab_size)
@@ -265,13 +271,15 @@ class Engine:
         # Needed only by settings with early_stop=True; on the device once (the automaton is V x ~160).
         self.early_stop_tables = None if early_stop_tables is None else jax.device_put(early_stop_tables)
         self.compilations = 0
+        self.mesh = mesh
+        self.output_sharding = None  # the generated tokens' placement in the last decode
         options = _compiler_options(self.base_params, self.expert_params)
         self._jitted = jax.jit(self._traced, static_argnums=(0, 1, 2, 3), compiler_options=options)
         self._prefill_jitted = jax.jit(_next_token_probabilities, static_argnums=(0, 1), compiler_options=options)
 
     def _traced(self, base_graph, expert_graph, settings, vocab_size, params, inputs):
         self.compilations += 1  # runs only while tracing, so it counts compilations
-        return _decode(base_graph, expert_graph, settings, vocab_size, params, inputs)
+        return _decode(base_graph, expert_graph, settings, vocab_size, params, inputs, self.mesh)
 
     def decode(
         self,
@@ -292,7 +300,8 @@ class Engine:
         arguments, real, stops = self._program_arguments(base_prompts, expert_prompts, settings, alpha, temperature,
                                                          top_p, seed, stop_ids, early_stop_tables)
         outputs = self._jitted(*arguments)
-        tokens, d, v, spike, alpha_in_force, *cap = (np.asarray(x)[:real] for x in jax.device_get(outputs))
+        self.output_sharding = outputs[0].sharding
+        tokens, d, v, spike, alpha_in_force, *cap = (sh.fetch(x)[:real] for x in outputs)
         lengths = _generated_lengths(tokens, stops)
         if cap:  # an early-stopped row's cap is its length
             lengths = np.minimum(lengths, cap[0]).astype(np.int32)
@@ -322,7 +331,7 @@ class Engine:
                 raise ValueError(f"early-stop tables cover {len(tables.ends_sentence)} tokens, the engine "
                                  f"{self.vocab_size}")
         real = len(base_prompts)
-        batch = bucket_batch(real)
+        batch = sh.pad_batch(bucket_batch(real), self.mesh)
         # Only the models this mode runs, and the real lengths: cache slots past them are masked.
         for name, config, prompts in (("base", self.base_config if settings.uses_base else None, base_prompts),
                                       ("expert", self.expert_config if settings.uses_expert else None, expert_prompts)):
@@ -347,6 +356,8 @@ class Engine:
             "pad_id": np.int32(self.pad_id),
             "key": jax.random.key(seed),
         }
+        if self.mesh is not None:
+            inputs = self._place_batch(inputs)
         if settings.early_stop:
             inputs["early_stop"] = tables
         params = {"base": self.base_params if settings.uses_base else None,
@@ -361,9 +372,20 @@ class Engine:
         graph, params, config = (self.base_graph, self.base_params, self.base_config) if model == "base" else (
             self.expert_graph, self.expert_params, self.expert_config)
         config.check_sequence_length(max(map(len, prompts)), model)
-        array, lengths = pack_prompts(prompts, bucket_batch(len(prompts)), self.pad_id)
+        array, lengths = pack_prompts(prompts, sh.pad_batch(bucket_batch(len(prompts)), self.mesh), self.pad_id)
+        if self.mesh is not None:
+            array, lengths = self._place_batch({"array": array, "lengths": lengths}).values()
         probabilities = self._prefill_jitted(graph, self.vocab_size, params, array, lengths)
-        return np.asarray(jax.device_get(probabilities))[: len(prompts)]
+        return sh.fetch(probabilities)[: len(prompts)]
+
+    def _place_batch(self, inputs: dict) -> dict:
+        """The per-sequence host arrays onto the mesh, split over its batch axes (the rest replicated)."""
+        return {k: sh.place(x, sh.batch_sharding(self.mesh, x.ndim)) if k in _PER_SEQUENCE else x
+                for k, x in inputs.items()}
+
+
+_PER_SEQUENCE = ("base_prompt", "base_len", "expert_prompt", "expert_len", "alpha", "temperature", "top_p", "active",
+                 "array", "lengths")
 
 
 def _per_row(name: str, value, real: int, batch: int) -> np.ndarray:

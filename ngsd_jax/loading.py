@@ -96,8 +96,14 @@ def check_parameters(model: Decoder, source: str, dtype=None) -> None:
         raise CheckpointError(f"{source}: parameters do not form {what} as config.json defines it ({detail})") from None
 
 
-def fill_decoder(config: ModelConfig, tensors: Iterator[tuple[str, np.ndarray]], rules, source: str, dtype) -> Decoder:
-    """Builds a decoder from (source key, array) pairs, checking every shape and that nothing is missing."""
+def fill_decoder(config: ModelConfig, tensors: Iterator[tuple[str, np.ndarray]], rules, source: str, dtype,
+                 mesh=None, placement: str = "sharded") -> Decoder:
+    """Builds a decoder from (source key, array) pairs, checking every shape and that nothing is missing.
+    With a `mesh`, each tensor goes straight from the host onto its devices, each device
+    receiving only its slice (ngsd_jax.sharding's rules, or a copy everywhere if `placement`
+    is "replicated"), so no device ever holds the whole model."""
+    from ngsd_jax import sharding
+
     model = abstract_decoder(config, dtype)
     targets = _param_leaves(model)
     filled: set[str] = set()
@@ -117,7 +123,11 @@ def fill_decoder(config: ModelConfig, tensors: Iterator[tuple[str, np.ndarray]],
             raise CheckpointError(f"{source}: tensor {key} has shape {tuple(array.shape)} but config.json implies "
                                   f"{expected}; config.json and the weights disagree")
         array = array.T if transpose else array
-        targets[path].set_value(jnp.asarray(array, dtype=dtype))
+        if mesh is None:
+            targets[path].set_value(jnp.asarray(array, dtype=dtype))
+        else:
+            target_sharding = sharding.parameter_sharding(config, targets[path], mesh, placement)
+            targets[path].set_value(sharding.place(array.astype(dtype), target_sharding))
         filled.add(path)
     missing = sorted(set(targets) - filled)
     if missing:
@@ -282,11 +292,11 @@ def open_gguf(path: Path):
         raise CheckpointError(f"{path}: not a readable GGUF file ({err}); download it again") from None
 
 
-def load_gguf(path: str | Path, dtype=jnp.float32) -> Decoder:
+def load_gguf(path: str | Path, dtype=jnp.float32, mesh=None, placement: str = "sharded") -> Decoder:
     path = Path(path)
     reader = open_gguf(path)
     config = config_from_hf(gguf_config(reader, str(path)), str(path))
-    return fill_decoder(config, iter_gguf(reader, config, str(path)), GGUF_RULES, str(path), dtype)
+    return fill_decoder(config, iter_gguf(reader, config, str(path)), GGUF_RULES, str(path), dtype, mesh, placement)
 
 
 # ----------------------------------------------------------------------------- project checkpoints
@@ -294,14 +304,14 @@ def load_gguf(path: str | Path, dtype=jnp.float32) -> Decoder:
 PARAMS_SUBDIR = "params"
 
 
-def load_hf(directory: str | Path, dtype=jnp.float32) -> Decoder:
+def load_hf(directory: str | Path, dtype=jnp.float32, mesh=None, placement: str = "sharded") -> Decoder:
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no such checkpoint directory; give a Hugging Face directory, "
                               f"a converted ngsd-jax checkpoint or a .gguf file")
     config = load_config(directory)
     files = _safetensors_files(directory)
-    return fill_decoder(config, iter_safetensors(files), HF_RULES, str(directory), dtype)
+    return fill_decoder(config, iter_safetensors(files), HF_RULES, str(directory), dtype, mesh, placement)
 
 
 def save_params(model: Decoder, directory: str | Path) -> None:
@@ -318,12 +328,22 @@ def save_params(model: Decoder, directory: str | Path) -> None:
     os.replace(staging, target)
 
 
-def load_params(directory: str | Path, dtype=jnp.float32) -> Decoder:
+def load_params(directory: str | Path, dtype=jnp.float32, mesh=None, placement: str = "sharded") -> Decoder:
+    """Restores a project checkpoint; with a `mesh`, orbax reads each device's slice straight onto
+    it (whatever mesh, if any, the checkpoint was saved from)."""
     import orbax.checkpoint as ocp
+
+    from ngsd_jax import sharding
 
     directory = Path(directory).absolute()
     config = load_config(directory)
     model = abstract_decoder(config, dtype)
+    # Always name the target placement: without one, orbax restores onto the mesh the checkpoint
+    # was saved from, which may not exist here.
+    for var in _param_leaves(model).values():
+        target = (jax.sharding.SingleDeviceSharding(jax.devices()[0]) if mesh is None
+                  else sharding.parameter_sharding(config, var, mesh, placement))
+        var.set_value(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=target))
     graphdef, abstract_state = nnx.split(model, nnx.Param)
     try:
         with ocp.StandardCheckpointer() as checkpointer:
@@ -338,19 +358,33 @@ def is_project_checkpoint(directory: Path) -> bool:
     return (directory / PARAMS_SUBDIR).is_dir() and (directory / "config.json").is_file()
 
 
-def load_model(source: str | Path, dtype=jnp.float32) -> Decoder:
-    """Loads a .gguf file, a converted ngsd-jax checkpoint or an HF safetensors directory."""
+def load_model(source: str | Path, dtype=jnp.float32, mesh=None, placement: str = "sharded") -> Decoder:
+    """Loads a .gguf file, a converted ngsd-jax checkpoint or an HF safetensors directory; with a
+    `mesh`, straight onto it (see ngsd_jax.sharding)."""
     source = Path(source)
     if source.suffix == ".gguf":
         if not source.is_file():
             raise CheckpointError(f"{source}: no such GGUF file")
-        model = load_gguf(source, dtype)
+        model = load_gguf(source, dtype, mesh, placement)
     elif source.is_dir() and is_project_checkpoint(source):
-        model = load_params(source, dtype)
+        model = load_params(source, dtype, mesh, placement)
     else:
-        model = load_hf(source, dtype)
+        model = load_hf(source, dtype, mesh, placement)
     check_parameters(model, str(source), dtype)
     return model
+
+
+def load_model_config(source: str | Path) -> ModelConfig:
+    """The architecture of a checkpoint, without reading its weights (for the memory plan)."""
+    source = Path(source)
+    if source.suffix == ".gguf":
+        if not source.is_file():
+            raise CheckpointError(f"{source}: no such GGUF file")
+        return config_from_hf(gguf_config(open_gguf(source), str(source)), str(source))
+    if not source.is_dir():
+        raise CheckpointError(f"{source}: no such checkpoint directory; give a Hugging Face directory, "
+                              f"a converted ngsd-jax checkpoint or a .gguf file")
+    return load_config(source)
 
 
 def export_hf(model: Decoder, directory: str | Path, tokenizer=None) -> Path:

@@ -376,14 +376,15 @@ def target_capacities(examples, plan, batch_size: int, multiple: int = 64) -> di
     return {w: min(batch_size * w, -(-n // multiple) * multiple) for w, n in most.items()}
 
 
-def make_train_step(graph, optimizer):
+def make_train_step(graph, optimizer, state_shardings=None):
     """One jitted micro-step: loss on the masked targets, gradients for the trainable state only
     (so nothing below the lowest trainable layer is back-propagated), optimizer update.
 
     `initial_state` is the trainable state the run started from (None when no example matches
     the starting model): with it the same graph is the starting model, the teacher of `soft`
     targets. With LoRA only in the top layers, XLA shares the identical lower layers of the
-    two forward passes.
+    two forward passes. `state_shardings` ((trainable, optimizer state) shardings, under a mesh)
+    keeps the updated state where it came from, so each step's output feeds the next unmoved.
     """
     import jax
     import jax.numpy as jnp
@@ -407,7 +408,8 @@ def make_train_step(graph, optimizer):
         trainable = optax.apply_updates(trainable, updates)
         return trainable, opt_state, {**sums, "weighted_loss": weighted, "grad_norm": optax.tree.norm(grads)}
 
-    return jax.jit(step, donate_argnums=(0, 1), static_argnames=("capacity",))
+    out_shardings = None if state_shardings is None else (*state_shardings, None)
+    return jax.jit(step, donate_argnums=(0, 1), static_argnames=("capacity",), out_shardings=out_shardings)
 
 
 # ----------------------------------------------------------------------------- training state
@@ -498,12 +500,17 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
     out.add_argument("--overwrite", action="store_true",
                      help="discard the run directory's training state and start over (generated data is kept)")
+    from ngsd_jax import distributed
+
+    distributed.add_arguments(p)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from ngsd_jax.loading import CheckpointError
+    from ngsd_jax.memory import MemoryPlanError
+    from ngsd_jax.sharding import MeshError
     from ngsd_jax.tokenizer import TokenizerError
     from ngsd_jax.train_data import DataError
 
@@ -513,7 +520,7 @@ def main(argv=None) -> int:
                 print(f"{path.stem:32} {json.loads(path.read_text()).get('description', '')}")
             return 0
         return run(args)
-    except (UsageError, DataError, CheckpointError, TokenizerError, OSError) as err:
+    except (UsageError, DataError, CheckpointError, TokenizerError, MeshError, MemoryPlanError, OSError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"error: {message}", file=sys.stderr)
         return 2
@@ -532,6 +539,9 @@ def run(args) -> int:
     run_dir = (args.run_dir or checkpoints_dir() / "runs" / recipe.name).absolute()
     check_run_dir(run_dir, recipe, args.resume, args.overwrite)
 
+    from ngsd_jax import distributed
+
+    distributed.initialize(args.multi_host)  # before any other jax call
     import jax.numpy as jnp
 
     from ngsd_jax.engine import Engine
@@ -547,17 +557,20 @@ def run(args) -> int:
     mismatch = compare_vocabularies(base_tokenizer, tokenizer)
     if mismatch:
         raise UsageError(mismatch)
+    from ngsd_jax.train_sharding import choose_training_mesh
+
+    mesh = choose_training_mesh(args, recipe, init_path, dtype)
     loaded: dict[Path, object] = {}
 
     def load(path: Path):
         if path not in loaded:
-            loaded[path] = load_model(path, dtype)
+            loaded[path] = load_model(path, dtype, mesh)
         return loaded[path]
 
     def base_engine():
         base = load(base_path)
         stops = stop_token_ids(base_tokenizer, base.config, recipe.base_chat_template)
-        return Engine(base, None, len(base_tokenizer), stops, pad_id=base_tokenizer.pad_token_id or 0)
+        return Engine(base, None, len(base_tokenizer), stops, pad_id=base_tokenizer.pad_token_id or 0, mesh=mesh)
 
     if recipe.distill_loss == "kl" and recipe.benign_data and init_path != base_path:
         raise UsageError("distill_loss 'kl' matches the starting model's distributions, so the expert must start "
@@ -568,7 +581,8 @@ def run(args) -> int:
     loaded.clear()  # a base distinct from the expert is no longer needed
     data_done = time.monotonic()
 
-    trained = train(recipe, model, examples, run_dir, pad_id=tokenizer.pad_token_id or 0, resume=args.resume)
+    trained = train(recipe, model, examples, run_dir, pad_id=tokenizer.pad_token_id or 0, resume=args.resume,
+                    mesh=mesh)
     if trained is None:
         return 130
     train_done = time.monotonic()
@@ -604,14 +618,18 @@ def check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool) 
     _write_atomic(saved_recipe, json.dumps(current, indent=2) + "\n")
 
 
-def train(recipe: Recipe, model, examples, run_dir: Path, pad_id: int, resume: bool):
-    """Trains `model` (LoRA adapters merged in) and returns it; None when stopped by Ctrl-C after saving."""
+def train(recipe: Recipe, model, examples, run_dir: Path, pad_id: int, resume: bool, mesh=None):
+    """Trains `model` (LoRA adapters merged in) and returns it; None when stopped by Ctrl-C after saving.
+    Under a `mesh` (see ngsd_jax.train_sharding) weights, adapters and optimizer state are split
+    over fsdp/tensor and each batch's rows over data/fsdp."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
     from tqdm import tqdm
 
     from ngsd_jax import train_data as td
+    from ngsd_jax import train_sharding as ts
+    from ngsd_jax.distributed import is_primary
     from ngsd_jax.lora import apply_lora, merge_lora
 
     if recipe.method == "lora":
@@ -623,6 +641,8 @@ def train(recipe: Recipe, model, examples, run_dir: Path, pad_id: int, resume: b
         trainable_filter = nnx.LoRAParam
     else:
         trainable_filter = nnx.Param
+    if mesh is not None:
+        ts.place_model(model, mesh)
     graph, trainable, frozen = nnx.split(model, trainable_filter, ...)
     # The starting point, kept as its own buffers (the trained state is donated) when some loss
     # matches the starting model's distributions.
@@ -638,6 +658,8 @@ def train(recipe: Recipe, model, examples, run_dir: Path, pad_id: int, resume: b
     schedule = learning_rate_schedule(recipe, updates)
     optimizer = make_optimizer(recipe, schedule)
     opt_state = optimizer.init(trainable)
+    if mesh is not None:
+        opt_state = ts.place_optimizer_state(optimizer, opt_state, trainable, mesh)
     meta = {"seed": recipe.seed, "plan": td.plan_fingerprint(plan), "total_steps": total}
 
     manager = checkpoint_manager(run_dir)
@@ -655,9 +677,9 @@ def train(recipe: Recipe, model, examples, run_dir: Path, pad_id: int, resume: b
     td.warn(f"{len(examples)} examples, {total} steps of {recipe.batch_size} (x{recipe.grad_accum} accumulation) "
             f"over {recipe.epochs} epoch(s), {recipe.method} with {trainable_count:,} trainable parameters")
 
-    step_fn = make_train_step(graph, optimizer)
+    step_fn = make_train_step(graph, optimizer, None if mesh is None else ts.state_shardings(trainable, opt_state))
     capacities = target_capacities(examples, plan, recipe.batch_size)
-    bar = tqdm(total=total, initial=start, unit="step", desc="training", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=start, unit="step", desc="training", dynamic_ncols=True, disable=not is_primary())
     rate = None
     with StopRequest() as stop, open(metrics_path, "a", encoding="utf-8") as log:
         step = start
@@ -665,6 +687,8 @@ def train(recipe: Recipe, model, examples, run_dir: Path, pad_id: int, resume: b
             batch = plan[step]
             arrays = td.collate(examples, batch, recipe.batch_size, pad_id, recipe.decision_tokens,
                                 recipe.decision_weight)
+            if mesh is not None:
+                arrays = ts.place_batch(arrays, mesh)
             tick = time.perf_counter()
             trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, initial_state, arrays,
                                                     capacity=capacities[batch.width])

@@ -1,14 +1,16 @@
 """Run by tests/test_sharding.py in a fresh interpreter with 8 fake CPU devices (XLA_FLAGS must
 be set before jax initialises, which the pytest process has already done).
 
-Decodes a tiny random Llama pair in mode "ngsd" unsharded, then again with both models
-sharded on a 2x4 ("data", "model") mesh, and prints what the test asserts on as JSON.
+Decodes a tiny random Llama pair in mode "ngsd" on one device, then again with both models
+loaded straight onto several (data, fsdp, tensor) meshes, and prints what the test asserts
+on as JSON.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 import tempfile
 
@@ -21,9 +23,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from ngsd_jax.engine import DecodeSettings, Engine
 from ngsd_jax.loading import load_model
-from ngsd_jax.sharding import make_mesh, shard_model
+from ngsd_jax.sharding import make_mesh, parse_mesh
 
-PROMPTS = [[1, 17, 42, 99, 7], [1, 5, 250, 3, 60, 61, 62, 8, 9]]
+PROMPTS = [[1, 17, 42, 99, 7], [1, 5, 250, 3, 60, 61, 62, 8, 9], [1, 4, 4, 200]]
+# (mesh, expert placement)
+MESHES = [("data=8", "sharded"), ("tensor=8", "sharded"), ("data=2,tensor=4", "sharded"),
+          ("data=2,fsdp=2,tensor=2", "sharded"), ("data=2,tensor=4", "replicated")]
 
 
 def tiny_llama(seed: int, directory: str):
@@ -33,12 +38,21 @@ def tiny_llama(seed: int, directory: str):
                          num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3,
                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     LlamaForCausalLM(config).eval().save_pretrained(directory)
-    return load_model(directory)
 
 
-def decode(base, expert):
-    engine = Engine(base, expert, vocab_size=256, stop_ids=[2])
-    return engine.decode(PROMPTS, settings=DecodeSettings(mode="ngsd", max_new_tokens=16), alpha=0.9)
+def decode(base, expert, mesh=None):
+    engine = Engine(base, expert, vocab_size=256, stop_ids=[2], mesh=mesh)
+    calls = []
+    program = engine._jitted
+    engine._jitted = lambda *args: calls.append(args) or program(*args)  # keeps the arguments for lowering
+    result = engine.decode(PROMPTS, settings=DecodeSettings(mode="ngsd", max_new_tokens=16), alpha=0.9)
+    return result, engine, program.lower(*calls[0]).compile().as_text()
+
+
+def cache_shapes(hlo: str) -> list[list[int]]:
+    """The per-device [rows, kv heads] of every KV-cache-shaped buffer ([*, *, 16 + 16, head_dim 16])
+    in the partitioned program."""
+    return sorted({(int(b), int(h)) for b, h in re.findall(r"f32\[(\d+),(\d+),32,16\]", hlo)})
 
 
 def forward_logits(model, tokens):
@@ -55,37 +69,48 @@ def _forward(graph, params, tokens):
     return model.logits(hidden)
 
 
+def spec(array):
+    return [list(a) if isinstance(a, tuple) else a for a in array.sharding.spec]
+
+
 def main():
     assert jax.device_count() == 8, f"expected 8 fake devices, got {jax.device_count()}"
+    out = {"meshes": {}}
     with tempfile.TemporaryDirectory() as base_dir, tempfile.TemporaryDirectory() as expert_dir:
-        base, expert = tiny_llama(0, base_dir), tiny_llama(1, expert_dir)
-    tokens = np.array(PROMPTS[1:], np.int32)
-    reference = decode(base, expert)
-    logits_before = forward_logits(base, tokens)
-
-    mesh = make_mesh(2, 4)
-    shard_model(base, mesh)
-    shard_model(expert, mesh)
-    sharded = decode(base, expert)
-    logits_after = forward_logits(base, tokens)
-
-    q, k = base.layers[0].attn.q_proj.kernel[...], base.layers[0].attn.k_proj.kernel[...]
-    json.dump({
-        "tokens_equal": bool(np.array_equal(reference.tokens, sharded.tokens)),
-        "lengths_equal": bool(np.array_equal(reference.lengths, sharded.lengths)),
-        "spikes": int(reference.spike.sum()),
-        "divergence_diff": float(np.abs(reference.divergence - sharded.divergence).max()),
-        "potential_diff": float(np.abs(reference.potential - sharded.potential).max()),
-        "logits_diff": float(np.abs(logits_before - logits_after).max()),
-        "logits_scale": float(np.abs(logits_before).max()),
-        "q_spec": list(q.sharding.spec),
-        "q_shape": list(q.shape),
-        "q_shard_shapes": sorted({tuple(s.data.shape) for s in q.addressable_shards}),
-        "q_devices": len(q.sharding.device_set),
-        "k_spec": list(k.sharding.spec),
-        "down_spec": list(base.layers[0].mlp.down_proj.kernel[...].sharding.spec),
-        "embedding_spec": list(base.embedding[...].sharding.spec),
-    }, sys.stdout)
+        tiny_llama(0, base_dir)
+        tiny_llama(1, expert_dir)
+        tokens = np.array(PROMPTS[1:2], np.int32)
+        reference, _, hlo = decode(load_model(base_dir), load_model(expert_dir))
+        out["one_device_cache_shapes"] = cache_shapes(hlo)
+        logits_before = forward_logits(load_model(base_dir), tokens)
+        out["spikes"] = int(reference.spike.sum())
+        for text, expert_placement in MESHES:
+            mesh = make_mesh(parse_mesh(text, jax.device_count()))
+            base = load_model(base_dir, mesh=mesh)
+            expert = load_model(expert_dir, mesh=mesh, placement=expert_placement)
+            sharded, engine, hlo = decode(base, expert, mesh)
+            logits_after = forward_logits(base, tokens)
+            out["meshes"][f"{text}/{expert_placement}"] = {
+                "tokens_equal": bool(np.array_equal(reference.tokens, sharded.tokens)),
+                "lengths_equal": bool(np.array_equal(reference.lengths, sharded.lengths)),
+                "divergence_diff": float(np.abs(reference.divergence - sharded.divergence).max()),
+                "potential_diff": float(np.abs(reference.potential - sharded.potential).max()),
+                "logits_diff": float(np.abs(logits_before - logits_after).max()),
+                "logits_scale": float(np.abs(logits_before).max()),
+                "output_spec": list(engine.output_sharding.spec),
+                "cache_shapes": cache_shapes(hlo),
+                "output_shard_rows": sorted({s.data.shape[0] for s in jax.device_put(
+                    np.zeros((8, 1)), engine.output_sharding).addressable_shards}),
+                "q_spec": spec(base.layers[0].attn.q_proj.kernel[...]),
+                "q_shape": list(base.layers[0].attn.q_proj.kernel[...].shape),
+                "q_shard_shapes": sorted({tuple(s.data.shape)
+                                          for s in base.layers[0].attn.q_proj.kernel[...].addressable_shards}),
+                "k_spec": spec(base.layers[0].attn.k_proj.kernel[...]),
+                "down_spec": spec(base.layers[0].mlp.down_proj.kernel[...]),
+                "embedding_spec": spec(base.embedding[...]),
+                "expert_q_spec": spec(expert.layers[0].attn.q_proj.kernel[...]),
+            }
+    json.dump(out, sys.stdout)
 
 
 if __name__ == "__main__":

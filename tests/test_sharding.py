@@ -1,4 +1,5 @@
-"""Tensor-parallel decoding on a 2x4 mesh of fake CPU devices gives the unsharded result.
+"""Decoding on (data, fsdp, tensor) meshes of 8 fake CPU devices gives the one-device result,
+with the batch split over data and fsdp and the weights split per the rules table.
 
 The device count is fixed when jax initialises, which this pytest process has already
 done, so the check runs in a fresh interpreter (tests/sharding_check.py) with 8 devices.
@@ -15,50 +16,95 @@ from pathlib import Path
 import pytest
 from jax.sharding import AbstractMesh
 
-from ngsd_jax.sharding import LOGICAL_RULES, partition_spec
+from ngsd_jax.sharding import LOGICAL_RULES, MeshError, MeshShape, parse_mesh, partition_spec
 
 SCRIPT = Path(__file__).with_name("sharding_check.py")
 
 
-@pytest.fixture(scope="module")
-def result():
+def run_with_8_devices(script: Path, *args: str) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip())
-    run = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def test_sharded_ngsd_decode_matches_unsharded(result):
+@pytest.fixture(scope="module")
+def result():
+    return run_with_8_devices(SCRIPT)
+
+
+MESHES = ["data=8/sharded", "tensor=8/sharded", "data=2,tensor=4/sharded", "data=2,fsdp=2,tensor=2/sharded",
+          "data=2,tensor=4/replicated"]
+
+
+def test_the_gate_fired(result):
     assert result["spikes"] > 0, "the gate never fired, so the merge path went untested"
-    assert result["tokens_equal"] and result["lengths_equal"]
-    assert result["divergence_diff"] < 1e-5
-    assert result["potential_diff"] < 1e-5
 
 
-def test_sharded_forward_matches_unsharded(result):
+@pytest.mark.parametrize("mesh", MESHES)
+def test_sharded_ngsd_decode_matches_one_device(result, mesh):
+    r = result["meshes"][mesh]
+    assert r["tokens_equal"] and r["lengths_equal"]
+    assert r["divergence_diff"] < 1e-5
+    assert r["potential_diff"] < 1e-5
     # Row-parallel layers sum their partial products in another order: an error of a few
     # float32 ulps of the largest logit, so the bound is relative to that scale.
-    assert result["logits_diff"] <= 1e-5 * result["logits_scale"]
+    assert r["logits_diff"] <= 1e-5 * r["logits_scale"]
+
+
+@pytest.mark.parametrize("mesh, rows", [("data=8/sharded", 1), ("tensor=8/sharded", 8),
+                                        ("data=2,tensor=4/sharded", 4), ("data=2,fsdp=2,tensor=2/sharded", 2)])
+def test_batch_is_split_over_data_and_fsdp(result, mesh, rows):
+    # Of 8 rows, each device holds 8 / (data * fsdp): the loop ran on its own rows only.
+    assert result["meshes"][mesh]["output_shard_rows"] == [rows]
+
+
+@pytest.mark.parametrize("mesh, rows", [("data=8/sharded", 1), ("tensor=8/sharded", 4), ("data=2,tensor=4/sharded", 2),
+                                        ("data=2,fsdp=2,tensor=2/sharded", 1), ("data=2,tensor=4/replicated", 2)])
+def test_kv_caches_in_the_loop_hold_only_the_devices_rows(result, mesh, rows):
+    # Per-device buffer shapes in the compiled, partitioned program: no device ever holds a KV
+    # cache of the whole batch (3 prompts padded to 4 rows, or to 8 on data=8).
+    assert result["one_device_cache_shapes"] == [[4, 2]]
+    assert {b for b, _ in result["meshes"][mesh]["cache_shapes"]} == {rows}
 
 
 def test_params_are_really_sharded(result):
-    assert result["q_devices"] == 8
-    assert result["q_spec"] == [None, "model"]  # column-parallel: output features split
-    rows, cols = result["q_shape"]
-    assert result["q_shard_shapes"] == [[rows, cols // 4]]
-    assert result["down_spec"] == ["model", None]  # row-parallel
-    assert result["embedding_spec"] == ["model", None]  # vocab-parallel
-    assert result["k_spec"] == [None, None]  # 2 kv heads cannot split over 4 devices
+    r = result["meshes"]["data=2,tensor=4/sharded"]
+    rows, cols = r["q_shape"]
+    assert r["q_spec"] == ["fsdp", "tensor"]  # column-parallel: output features split over tensor
+    assert r["q_shard_shapes"] == [[rows, cols // 4]]
+    assert r["down_spec"] == ["tensor", "fsdp"]  # row-parallel
+    assert r["embedding_spec"] == ["tensor", "fsdp"]  # vocab-parallel
+    assert r["k_spec"] == ["fsdp", None]  # 2 kv heads cannot split over 4 devices
+    fsdp = result["meshes"]["data=2,fsdp=2,tensor=2/sharded"]
+    assert fsdp["q_shard_shapes"] == [[rows // 2, cols // 2]]  # embed over fsdp, heads over tensor
+    assert fsdp["k_spec"] == ["fsdp", "tensor"]  # 2 kv heads over 2 devices do split
+
+
+def test_expert_placed_apart_from_base(result):
+    r = result["meshes"]["data=2,tensor=4/replicated"]
+    assert r["expert_q_spec"] == [] and r["q_spec"] == ["fsdp", "tensor"]
 
 
 def test_partition_spec_rules():
-    assert tuple(partition_spec(("embed", "mlp"))) == (None, "model")
+    assert tuple(partition_spec(("embed", "mlp"))) == ("fsdp", "tensor")
     assert tuple(partition_spec(("norm",))) == (None,)
-    assert tuple(partition_spec(("unlisted", "vocab"), LOGICAL_RULES)) == (None, "model")
+    assert tuple(partition_spec(("batch", "unlisted", "vocab"), LOGICAL_RULES)) == (("data", "fsdp"), None, "tensor")
 
 
 def test_indivisible_dimension_is_replicated():
-    mesh = AbstractMesh((2, 4), ("data", "model"))  # shapes only: no devices needed
-    assert tuple(partition_spec(("embed", "kv_heads"), units=(64, 3), mesh=mesh)) == (None, None)
-    assert tuple(partition_spec(("embed", "heads"), units=(64, 8), mesh=mesh)) == (None, "model")
+    mesh = AbstractMesh((2, 1, 4), ("data", "fsdp", "tensor"))  # shapes only: no devices needed
+    assert tuple(partition_spec(("embed", "kv_heads"), units=(64, 3), mesh=mesh)) == ("fsdp", None)
+    assert tuple(partition_spec(("embed", "heads"), units=(64, 8), mesh=mesh)) == ("fsdp", "tensor")
+    assert tuple(partition_spec(("batch",), units=(3,), mesh=mesh)) == (None,)
+
+
+def test_parse_mesh():
+    assert parse_mesh("data=2,tensor=4", 8) == MeshShape(data=2, fsdp=1, tensor=4)
+    assert parse_mesh("fsdp=8") == MeshShape(fsdp=8)
+    assert str(parse_mesh("tensor=4, data=2")) == "data=2,tensor=4"
+    for bad, names in [("data=3", "product"), ("model=8", "AXIS one of"), ("data=2,data=4", "twice"),
+                       ("", "at least one"), ("data=0,tensor=8", "at least one")]:
+        with pytest.raises(MeshError, match=names):
+            parse_mesh(bad, 8)

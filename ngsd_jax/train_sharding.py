@@ -1,0 +1,107 @@
+"""Training under a (data, fsdp, tensor) mesh: where the trainable state, the frozen weights,
+the optimizer state and each batch live. The layout is ngsd_jax.sharding's rules table:
+
+- weights per their logical axes (fsdp on the embed dimension, tensor on heads/mlp/vocab);
+- a LoRA adapter follows the weight it adapts: `a` [in, rank] split like the kernel's input
+  dimension, `b` [rank, out] like its output dimension (the rank is whole everywhere);
+- AdamW's moments (and MultiSteps' accumulated gradients) exactly like their parameters,
+  step counters replicated;
+- the batch's rows over (data, fsdp).
+
+The train step itself is unchanged: its inputs arrive placed and XLA propagates the
+layout, inserting the fsdp gathers and the gradient reductions.
+"""
+
+from __future__ import annotations
+
+import jax
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ngsd_jax import sharding as sh
+from ngsd_jax.lora import LoRALinear
+from ngsd_jax.model import Decoder
+
+
+def place_model(model: Decoder, mesh: Mesh) -> Decoder:
+    """Places every weight and LoRA adapter of `model` on `mesh`, in place; returns the model."""
+    config = model.config
+    adapters = {}
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, LoRALinear):
+            in_axis, out_axis = node.base.kernel.get_metadata()["logical_axes"]
+            adapters[id(node.lora_a)] = (in_axis, None)
+            adapters[id(node.lora_b)] = (None, out_axis)
+    for _, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.Param):
+            axes = adapters.get(id(var)) or var.get_metadata()["logical_axes"]
+            spec = sh.parameter_spec(config, var.shape, axes, mesh)
+            var.set_value(sh.put(var[...], NamedSharding(mesh, spec)))
+    return model
+
+
+def place_optimizer_state(optimizer, opt_state, params, mesh: Mesh):
+    """The optimizer state with every per-parameter leaf placed like its parameter and the rest
+    (step counts, schedules' state) replicated."""
+    shardings = jax.tree.map(lambda x: x.sharding, params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return optax.tree_map_params(optimizer, sh.put, opt_state, shardings,
+                                 transform_non_params=lambda leaf: sh.put(leaf, replicated))
+
+
+def state_shardings(trainable, opt_state):
+    """(trainable, optimizer state) placements, for train.make_train_step to keep them."""
+    return jax.tree.map(lambda x: x.sharding, (trainable, opt_state))
+
+
+def place_batch(arrays: dict, mesh: Mesh) -> dict:
+    """A collated batch ([batch_size, width] host arrays) with its rows split over (data, fsdp)."""
+    return {k: sh.place(x, sh.batch_sharding(mesh, x.ndim)) for k, x in arrays.items()}
+
+
+def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+    shards = sh.mesh_shape(mesh).batch_shards
+    if batch_size % shards:
+        raise sh.MeshError(f"batch size {batch_size} does not split over data x fsdp = {shards} devices; use a "
+                           f"multiple of {shards} (--batch-size) or a mesh with fewer data/fsdp devices")
+
+
+def lora_fraction(config, rank: int, targets, layers: int | None) -> float:
+    """Adapter parameters as a share of the model's (for the memory plan, before any weight exists)."""
+    from ngsd_jax.lora import resolve_targets
+
+    d, hd, f = config.hidden_size, config.head_dim, config.intermediate_size
+    shapes = {"q_proj": (d, config.num_heads * hd), "k_proj": (d, config.num_kv_heads * hd),
+              "v_proj": (d, config.num_kv_heads * hd), "o_proj": (config.num_heads * hd, d),
+              "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
+    per_layer = sum(rank * sum(shapes[name]) for name in resolve_targets(targets))
+    adapted = config.num_layers if layers is None else min(layers, config.num_layers)
+    total = sum(a * b for a, b in shapes.values()) * config.num_layers + 2 * config.vocab_size * d
+    return per_layer * adapted / total
+
+
+def choose_training_mesh(args, recipe, init_path, dtype):
+    """The mesh for `python -m ngsd_jax.train` (None: one device, unsharded): --mesh or the
+    default, after printing the memory plan and refusing what cannot fit."""
+    from ngsd_jax import distributed
+    from ngsd_jax.loading import load_model_config
+    from ngsd_jax.memory import check_fits, device_memory, train_plan
+    from ngsd_jax.sharding import make_mesh
+
+    config = load_model_config(init_path)
+    fraction = 1.0 if recipe.method == "full" else lora_fraction(config, recipe.lora_rank, recipe.lora_targets,
+                                                                  recipe.lora_top_layers)
+    teacher = recipe.distill_loss == "kl" and bool(recipe.benign_data)
+    plan_for = lambda mesh, rows=recipe.batch_size: train_plan(  # noqa: E731
+        config, dtype, mesh, rows, max(recipe.bucket_widths), fraction, teacher)
+    capacity = device_memory(args.device_memory)
+    shape = distributed.choose_mesh(args.mesh, plan_for, capacity)
+    plan = plan_for(shape)
+    distributed.say(f"ngsd-jax train: {plan.describe(capacity)}")
+    check_fits(plan, capacity, plan_for, prefer="fsdp", batch_flag="--batch-size")
+    if shape.size == 1:
+        return None
+    mesh = make_mesh(shape)
+    check_batch_size(recipe.batch_size, mesh)
+    return mesh

@@ -1,0 +1,122 @@
+"""`--mesh` through the decode CLI on 8 fake CPU devices, and the memory plan's refusal.
+
+The device count is fixed when jax initialises, so the 8-device runs are fresh interpreters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from test_decode_cli import PROMPTS, _checkpoint, _tokenizer
+
+from ngsd_jax import decode
+from ngsd_jax.config import config_from_hf
+from ngsd_jax.distributed import is_multi_host_launch
+from ngsd_jax.memory import HEADROOM, MemoryPlanError, check_fits, decode_plan, parse_bytes
+from ngsd_jax.sharding import MeshShape, parse_mesh
+
+
+def env_with_8_devices() -> dict:
+    return dict(os.environ, JAX_PLATFORMS="cpu",
+                XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip())
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    tok = _tokenizer()
+    base = _checkpoint(tmp_path_factory.mktemp("base"), tok, 0)
+    expert = _checkpoint(tmp_path_factory.mktemp("expert"), tok, 1)
+    return str(base), str(expert)
+
+
+def _decode_args(pair):
+    base, expert = pair
+    args = ["--base", base, "--expert", expert, "--max-new-tokens", "10", "--json", "--reflect", "logit"]
+    for p in PROMPTS:
+        args += ["--prompt", p]
+    return args
+
+
+def test_decode_cli_under_mesh_matches_one_device(pair, capsys):
+    assert decode.main(_decode_args(pair)) == 0
+    one_device = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    run = subprocess.run([sys.executable, "-m", "ngsd_jax.decode", *_decode_args(pair), "--mesh", "data=2,tensor=4"],
+                         env=env_with_8_devices(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "memory plan per device on --mesh data=2,tensor=4, batch 4" in run.stderr
+    meshed = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [r["tokens"] for r in meshed] == [r["tokens"] for r in one_device]
+    assert [r["reflection"]["risk"] for r in meshed] == pytest.approx([r["reflection"]["risk"] for r in one_device],
+                                                                      abs=1e-4)
+
+
+def test_decode_cli_refuses_what_does_not_fit_naming_a_mesh(pair):
+    run = subprocess.run([sys.executable, "-m", "ngsd_jax.decode", *_decode_args(pair), "--mesh", "data=8",
+                          "--device-memory", "400KiB"], env=env_with_8_devices(), capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 2
+    error = run.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: needs") and "--mesh data=8" in error
+    assert re.search(r"--mesh \S*tensor=\d fits", error), error
+    bad = subprocess.run([sys.executable, "-m", "ngsd_jax.decode", *_decode_args(pair), "--mesh", "data=3"],
+                         env=env_with_8_devices(), capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --mesh data=3 uses 3")
+
+
+CONFIG = config_from_hf({"model_type": "llama", "vocab_size": 32000, "hidden_size": 512, "intermediate_size": 2048,
+                         "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 8,
+                         "max_position_embeddings": 4096})
+
+
+def _plan(mesh, batch=8):
+    import jax.numpy as jnp
+
+    return decode_plan([("base", CONFIG, jnp.float32, "sharded")], mesh, batch, 64, 64)
+
+
+def _refusal(plan, capacity):
+    with pytest.raises(MemoryPlanError) as refused:
+        check_fits(plan, capacity, _plan)
+    return str(refused.value)
+
+
+def test_memory_refusal_names_a_mesh_that_fits():
+    capacity = 64 << 20
+    assert _plan(MeshShape(data=8)).total > capacity * HEADROOM
+    message = _refusal(_plan(MeshShape(data=8)), capacity)
+    named = parse_mesh(re.search(r"--mesh (\S+) fits", message).group(1), 8)
+    assert named.tensor > 1 and named.fsdp == 1  # decoding splits weights over tensor, not fsdp
+    assert _plan(named).total <= capacity * HEADROOM
+    assert "\n" not in message
+
+
+def test_memory_refusal_names_a_batch_when_no_mesh_fits():
+    capacity = 64 << 20
+    big = _plan(MeshShape(tensor=8), batch=4096)
+    message = _refusal(big, capacity)
+    batch, mesh = re.search(r"--batch-size (\d+) fits on --mesh (\S+)", message).groups()
+    assert _plan(parse_mesh(mesh, 8), int(batch)).total <= capacity * HEADROOM
+    assert _plan(parse_mesh(mesh, 8), 2 * int(batch)).total > capacity * HEADROOM or int(batch) * 2 > 4096
+
+
+def test_parameters_counted_per_shard():
+    import jax.numpy as jnp
+
+    from ngsd_jax.memory import parameter_bytes
+
+    whole = parameter_bytes(CONFIG, jnp.float32, MeshShape(data=8))
+    count = 4 * (4 * 512 * 512 + 3 * 512 * 2048 + 2 * 512) + 2 * 32000 * 512 + 512
+    assert whole == 4 * count
+    assert parameter_bytes(CONFIG, jnp.float32, MeshShape(fsdp=2, tensor=4)) == 4 * (count - 9 * 512) // 8 + 4 * 9 * 512
+
+
+def test_parse_bytes_and_multi_host_detection():
+    assert parse_bytes("16GiB") == 16 << 30 and parse_bytes("80GB") == 80 * 10**9 and parse_bytes("512") == 512
+    assert is_multi_host_launch({"TPU_WORKER_HOSTNAMES": "t1-w-0,t1-w-1,t1-w-2,t1-w-3"})
+    assert not is_multi_host_launch({"TPU_WORKER_HOSTNAMES": "localhost"})
+    assert not is_multi_host_launch({})
