@@ -21,15 +21,18 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "decode"
-PROMPT_FIELDS = ("prompt", "goal", "Goal", "instruction", "text", "question")
+PROMPT_FIELDS = ("prompt", "goal", "instruction", "question", "query", "request", "behavior", "input",
+                 "text")
 
 
 class UsageError(ValueError):
     """Bad command-line input; printed as one line."""
 
 
-def read_prompts(path: Path) -> list[str]:
-    """Prompts from .txt (one per line), .jsonl, .json (a list of strings or objects) or .csv."""
+def read_records(path: Path) -> list:
+    """The items of a prompts file: strings (.txt lines, bare JSON strings) or dicts (.csv rows, JSON objects).
+
+    .txt holds one prompt per line, .jsonl one JSON value per line, .json a list of values."""
     if not path.is_file():
         raise UsageError(f"{path}: no such prompts file")
     text = path.read_text(encoding="utf-8")
@@ -37,11 +40,7 @@ def read_prompts(path: Path) -> list[str]:
     if suffix == ".txt":
         return [line.strip() for line in text.splitlines() if line.strip()]
     if suffix == ".csv":
-        rows = list(csv.DictReader(text.splitlines()))
-        field = next((f for f in PROMPT_FIELDS if rows and f in rows[0]), None)
-        if field is None:
-            raise UsageError(f"{path}: no prompt column; name one of {', '.join(PROMPT_FIELDS)}")
-        return [row[field] for row in rows]
+        return list(csv.DictReader(text.splitlines()))
     if suffix == ".jsonl":
         items = []
         for number, line in enumerate(text.splitlines(), start=1):
@@ -50,21 +49,44 @@ def read_prompts(path: Path) -> list[str]:
                     items.append(json.loads(line))
                 except json.JSONDecodeError as err:
                     raise UsageError(f"{path}:{number}: not JSON ({err.msg})") from None
-    elif suffix == ".json":
+        return items
+    if suffix == ".json":
         try:
             items = json.loads(text)
         except json.JSONDecodeError as err:
             raise UsageError(f"{path}: not JSON ({err.msg} at line {err.lineno})") from None
         if not isinstance(items, list):
             raise UsageError(f"{path}: expected a JSON list of prompts")
-    else:
-        raise UsageError(f"{path}: unknown prompts format '{suffix}'; use .txt, .jsonl, .json or .csv")
+        return items
+    raise UsageError(f"{path}: unknown prompts format '{suffix}'; use .txt, .jsonl, .json or .csv")
+
+
+def find_prompt_field(keys) -> str | None:
+    """The key naming the prompt: the first of PROMPT_FIELDS present, in any case ("Goal" for "goal")."""
+    keys = [k for k in keys if isinstance(k, str)]
+    for name in PROMPT_FIELDS:
+        if name in keys:
+            return name
+        folded = [k for k in keys if k.lower() == name]
+        if folded:
+            return folded[0]
+    return None
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Prompts from .txt (one per line), .jsonl, .json (a list of strings or objects) or .csv."""
+    items = read_records(path)
+    if path.suffix.lower() == ".csv":
+        field = find_prompt_field(items[0]) if items else None
+        if field is None:
+            raise UsageError(f"{path}: no prompt column; name one of {', '.join(PROMPT_FIELDS)}")
+        return [row[field] for row in items]
     prompts = []
     for number, item in enumerate(items, start=1):
         if isinstance(item, str):
             prompts.append(item)
             continue
-        field = next((f for f in PROMPT_FIELDS if isinstance(item, dict) and f in item), None)
+        field = find_prompt_field(item) if isinstance(item, dict) else None
         if field is None:
             raise UsageError(f"{path}: item {number} has no prompt field ({', '.join(PROMPT_FIELDS)})")
         prompts.append(item[field])
@@ -80,9 +102,6 @@ def load_preset(name: str) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ngsd_jax.engine import MODES
-    from ngsd_jax.reflection import REFLECT_MODES
-
     p = argparse.ArgumentParser(prog="python -m ngsd_jax.decode", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("prompts")
@@ -90,6 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompts-file", type=Path, help=".txt (one per line), .jsonl, .json or .csv")
     src.add_argument("--prefill", default="", metavar="TEXT",
                      help="force the response to start with TEXT for both models (prefilling attack)")
+    add_decode_options(p)
+    out = p.add_argument_group("output")
+    out.add_argument("--json", action="store_true", help="one JSON object per prompt (with trace and reflection)")
+    out.add_argument("--trace", action="store_true", help="print D, v, spike and alpha per generated token")
+    return p
+
+
+def add_decode_options(p: argparse.ArgumentParser, single_mode: bool = True) -> None:
+    """The model, decoding and gate options, shared by every CLI that decodes (decode, eval).
+
+    `single_mode=False` leaves out --mode, for a caller that runs several modes itself."""
+    from ngsd_jax.engine import MODES
+    from ngsd_jax.reflection import REFLECT_MODES
+
     models = p.add_argument_group("models")
     models.add_argument("--preset", help=f"a decode preset from decode/ ({', '.join(sorted(x.stem for x in PRESETS_DIR.glob('*.json')))})")
     models.add_argument("--base", help="base checkpoint: HF directory, .gguf, or converted checkpoint (default: embedded SmolLM2-135M-Instruct)")
@@ -100,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--chat-template", default=None, help="Jinja template (string or .jinja file) for the base")
     models.add_argument("--expert-chat-template", default=None, help="Jinja template for the expert")
     dec = p.add_argument_group("decoding")
-    dec.add_argument("--mode", choices=MODES, default=None, help="ngsd (default), base, expert, always, safedecoding")
+    if single_mode:
+        dec.add_argument("--mode", choices=MODES, default=None, help="ngsd (default), base, expert, always, safedecoding")
     dec.add_argument("--reflect", choices=REFLECT_MODES, default=None,
                      help="how alpha is set: json (the paper's self-reflection, default), logit, off (use --alpha)")
     dec.add_argument("--alpha", type=float, default=None, help="expert pull when --reflect off (default 0.5)")
@@ -124,10 +158,6 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("--safedecoding-m", type=int, default=None, help="SafeDecoding: steered tokens (2)")
     gate.add_argument("--safedecoding-alpha", type=float, default=None, help="SafeDecoding: alpha (3)")
     gate.add_argument("--safedecoding-common", type=int, default=None, help="SafeDecoding: common tokens c (5)")
-    out = p.add_argument_group("output")
-    out.add_argument("--json", action="store_true", help="one JSON object per prompt (with trace and reflection)")
-    out.add_argument("--trace", action="store_true", help="print D, v, spike and alpha per generated token")
-    return p
 
 
 @dataclasses.dataclass
@@ -171,12 +201,12 @@ def resolve_options(args) -> Options:
     return options
 
 
-def _resolve_models(options: Options) -> tuple[str, str | None]:
+def _resolve_models(options: Options, modes) -> tuple[str, str | None]:
     from ngsd_jax.default_model import default_base_path, default_expert_path
 
     base = _checkpoint_path(options.base) if options.base else str(default_base_path())
     expert = _checkpoint_path(options.expert) if options.expert else None
-    if expert is None and options.mode != "base":
+    if expert is None and any(mode != "base" for mode in modes):
         found = default_expert_path() if options.base is None else None
         if found is None:
             raise UsageError("no expert model: run `python -m ngsd_jax.train` to build the default one "
@@ -218,26 +248,31 @@ def main(argv=None) -> int:
         return 2
 
 
-def run(args) -> int:
-    prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
-    if not prompts:
-        raise UsageError("no prompts: give --prompt TEXT or --prompts-file FILE")
+def check_sampling_args(args) -> None:
     if args.batch_size < 1 or args.top_p <= 0 or args.top_p > 1 or args.temperature < 0:
         raise UsageError("need --batch-size >= 1, 0 < --top-p <= 1 and --temperature >= 0")
-    options = resolve_options(args)
 
+
+@dataclasses.dataclass
+class LoadedPair:
+    """The engine over the models some modes need, with the tokenizers that encode its prompts."""
+
+    engine: object
+    base_tokenizer: object
+    expert_tokenizer: object | None
+
+
+def load_pair(options: Options, modes) -> LoadedPair:
+    """Loads the base and expert that `modes` need, refusing a pair whose tokenizers differ before any weights."""
     import jax.numpy as jnp
-    from tqdm import tqdm
 
     from ngsd_jax.early_stop import early_stop_tables
-    from ngsd_jax.engine import DecodeSettings, Engine
+    from ngsd_jax.engine import Engine
     from ngsd_jax.loading import load_model
-    from ngsd_jax.ngsd import GateConfig
-    from ngsd_jax.reflection import reflect
-    from ngsd_jax.tokenizer import compare_vocabularies, encode_chat, load_tokenizer, stop_token_ids
+    from ngsd_jax.tokenizer import compare_vocabularies, load_tokenizer, stop_token_ids
 
-    base_path, expert_path = _resolve_models(options)
-    uses_base, uses_expert = options.mode != "expert", options.mode != "base"
+    base_path, expert_path = _resolve_models(options, modes)
+    uses_base, uses_expert = any(m != "expert" for m in modes), any(m != "base" for m in modes)
     # Tokenizers first: a mismatched pair is refused before any weights are read.
     base_tok = load_tokenizer(base_path)
     expert_tok = load_tokenizer(expert_path) if expert_path else None
@@ -252,31 +287,71 @@ def run(args) -> int:
                     stop_ids=stop_token_ids(base_tok, (base or expert).config, options.chat_template),
                     pad_id=base_tok.pad_token_id or 0,
                     early_stop_tables=early_stop_tables(base_tok, len(base_tok)) if options.early_stop else None)
-    settings = DecodeSettings(
-        mode=options.mode, max_new_tokens=options.max_new_tokens, sampling_top_k=args.top_k,
+    return LoadedPair(engine, base_tok, expert_tok)
+
+
+def decode_settings(options: Options, mode: str, sampling_top_k: int = 0):
+    from ngsd_jax.engine import DecodeSettings
+    from ngsd_jax.ngsd import GateConfig
+
+    return DecodeSettings(
+        mode=mode, max_new_tokens=options.max_new_tokens, sampling_top_k=sampling_top_k,
         gate=GateConfig(tau=options.tau, threshold=options.threshold, v_reset=options.v_reset,
                         soft_reset=options.soft_reset, top_k=options.merge_top_k, divergence=options.divergence),
         safedecoding_first_m=options.safedecoding_m, safedecoding_alpha=options.safedecoding_alpha,
         safedecoding_min_common=options.safedecoding_common, early_stop=options.early_stop,
     )
-    reflect_mode = options.reflect if options.mode in ("ngsd", "always") else "off"
+
+
+def reflect_prompts(pair: LoadedPair, options: Options, mode: str, prompts: list[str]):
+    """Self-reflection for the modes that take alpha (ngsd, always); every other mode gets reflection 'off'."""
+    from ngsd_jax.reflection import reflect
+
+    reflect_mode = options.reflect if mode in ("ngsd", "always") else "off"
+    return reflect(pair.engine, pair.base_tokenizer, prompts, reflect_mode, options.alpha, options.chat_template)
+
+
+def encode_prompts(pair: LoadedPair, options: Options, prompts: list[str], prefill=""):
+    """(base prompt ids, expert prompt ids or None), each ending with `prefill` (text or ids) forced."""
+    from ngsd_jax.tokenizer import encode_chat
+
+    base_prompts = [encode_chat(pair.base_tokenizer, p, options.system_prompt, options.chat_template, prefill)
+                    for p in prompts]
+    expert_prompts = None
+    if pair.expert_tokenizer is not None:
+        expert_prompts = [encode_chat(pair.expert_tokenizer, p, options.expert_system_prompt,
+                                      options.expert_chat_template, prefill) for p in prompts]
+    return base_prompts, expert_prompts
+
+
+def decode_prompts(pair: LoadedPair, settings, args, base_prompts, expert_prompts, alpha):
+    """One engine call with the command line's sampling options; the expert mode decodes the expert's prompts."""
+    first = base_prompts if settings.uses_base else expert_prompts
+    return pair.engine.decode(first, expert_prompts, settings, alpha=alpha, temperature=args.temperature,
+                              top_p=args.top_p, seed=args.seed)
+
+
+def run(args) -> int:
+    prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
+    if not prompts:
+        raise UsageError("no prompts: give --prompt TEXT or --prompts-file FILE")
+    check_sampling_args(args)
+    options = resolve_options(args)
+
+    from tqdm import tqdm
+
+    pair = load_pair(options, (options.mode,))
+    settings = decode_settings(options, options.mode, args.top_k)
     batches = [prompts[i: i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
     progress = tqdm(total=len(prompts), unit="prompt", disable=len(batches) == 1 or not sys.stderr.isatty(),
                     desc=f"decoding ({options.mode})")
     for batch in batches:
-        reflections = reflect(engine, base_tok, batch, reflect_mode, options.alpha, options.chat_template)
-        base_prompts = [encode_chat(base_tok, p, options.system_prompt, options.chat_template, args.prefill)
-                        for p in batch]
-        expert_prompts = None
-        if expert_tok is not None:
-            expert_prompts = [encode_chat(expert_tok, p, options.expert_system_prompt, options.expert_chat_template,
-                                          args.prefill) for p in batch]
-        result = engine.decode(base_prompts if uses_base else expert_prompts, expert_prompts, settings,
-                               alpha=[r.alpha for r in reflections], temperature=args.temperature,
-                               top_p=args.top_p, seed=args.seed)
+        reflections = reflect_prompts(pair, options, options.mode, batch)
+        base_prompts, expert_prompts = encode_prompts(pair, options, batch, args.prefill)
+        result = decode_prompts(pair, settings, args, base_prompts, expert_prompts, [r.alpha for r in reflections])
         for i, prompt in enumerate(batch):
-            text = base_tok.decode(result.sequence(i), skip_special_tokens=True)
-            _emit(args, options, prompt, text, result, i, reflections[i], base_tok)
+            text = pair.base_tokenizer.decode(result.sequence(i), skip_special_tokens=True)
+            _emit(args, options, prompt, text, result, i, reflections[i], pair.base_tokenizer)
         progress.update(len(batch))
     progress.close()
     return 0
