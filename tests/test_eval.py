@@ -178,27 +178,6 @@ def test_first_difference_and_roc_auc():
 
 # --- runs on the tiny pair -------------------------------------------------------------
 
-def test_per_prompt_prefill_forces_the_first_k_tokens(pair, dataset, tmp_path, capsys):
-    base, expert = pair
-    out = tmp_path / "out"
-    code, _, err = _eval(capsys, "--dataset", dataset, "--base", base, "--expert", expert, "--modes", "base",
-                         "--prefill-field", "target", "--prefill-tokens", 2, "--max-new-tokens", 5,
-                         "--batch-size", 2, "--label-field", "label", "--out", out)
-    assert code == 0, err
-    rows = {r["index"]: r for r in _samples(out)}
-    tok = _tokenizer()
-    model = load_model(base)
-    engine = Engine(model, None, vocab_size=len(tok), stop_ids=stop_token_ids(tok, model.config))
-    for i, source in enumerate(ROWS):
-        forced = tok.encode(source["target"], add_special_tokens=False)[:2]
-        assert rows[i]["prefill"] == tok.decode(forced)
-        # The oracle: the prompt with the forced ids appended, decoded alone.
-        alone = engine.decode([encode_chat(tok, source["goal"], response_prefix=forced)],
-                              settings=DecodeSettings(mode="base", max_new_tokens=5))
-        assert rows[i]["tokens"] == alone.sequence(0), i
-    assert rows[2]["prefill"] == "" and rows[0]["prefill"] != rows[1]["prefill"]
-
-
 def _recompute(rows, mode, alpha, label):
     """The figures of one condition and label, recomputed by plain code from samples.jsonl."""
     mine = [r for r in rows if r["mode"] == mode and r["alpha_setting"] == alpha and r["label"] == label]
@@ -221,6 +200,23 @@ def _recompute(rows, mode, alpha, label):
     }
 
 
+def _check_prefill(rows, base_path):
+    """Every mode forces each prompt's own first 2 prefill tokens; the base's answers equal the
+    oracle's: the prompt with those ids appended, decoded alone."""
+    tok = _tokenizer()
+    model = load_model(base_path)
+    engine = Engine(model, None, vocab_size=len(tok), stop_ids=stop_token_ids(tok, model.config))
+    for r in rows:
+        forced = tok.encode(ROWS[r["index"]]["target"], add_special_tokens=False)[:2]
+        assert r["prefill"] == tok.decode(forced), r["condition"]
+        if r["mode"] == "base":
+            alone = engine.decode([encode_chat(tok, r["prompt"], response_prefix=forced)],
+                                  settings=DecodeSettings(mode="base", max_new_tokens=8))
+            assert r["tokens"] == alone.sequence(0), r["index"]
+    prefills = {r["index"]: r["prefill"] for r in rows}
+    assert prefills[2] == "" and prefills[0] != prefills[1]
+
+
 LABEL_FIELDS = {"n", "refusal_rate", "accuracy", "spike_rate", "spikes_per_answer", "steered_token_fraction",
                 "mean_new_tokens", "identical_to_base", "first_diff_mean", "first_diff_median", "differing"}
 
@@ -231,10 +227,12 @@ def test_end_to_end_results_agree_with_samples(pair, dataset, tmp_path, capsys):
     code, stdout, err = _eval(capsys, "--dataset", dataset, "--base", base, "--expert", expert,
                               "--label-field", "label", "--answer-field", "answer", "--modes", "ngsd,safedecoding",
                               "--alpha-sweep", "reflect,0.9", "--reflect", "logit", "--max-new-tokens", 8,
-                              "--batch-size", 2, "--judge", _judge_file(tmp_path), "--out", out)
+                              "--prefill-field", "target", "--prefill-tokens", 2, "--batch-size", 2,
+                              "--judge", _judge_file(tmp_path), "--out", out)
     assert code == 0, err
     results = json.loads((out / "results.json").read_text())
     rows = _samples(out)
+    _check_prefill(rows, base)
     names = [c["name"] for c in results["conditions"]]
     assert names == ["base", "ngsd", "ngsd a=0.9", "safedecoding"]  # base added for the benign prompts
     assert len(rows) == len(names) * len(ROWS)
@@ -279,7 +277,7 @@ def test_an_expert_equal_to_the_base_leaves_every_answer_alone(pair, dataset, tm
     out = tmp_path / "out"
     code, _, err = _eval(capsys, "--dataset", dataset, "--base", base, "--expert", base, "--modes", "ngsd",
                          "--label-field", "label", "--reflect", "off", "--alpha", "0.9", "--max-new-tokens", 6,
-                         "--batch-size", 4, "--out", out)
+                         "--batch-size", 8, "--out", out)
     assert code == 0, err
     ngsd = json.loads((out / "results.json").read_text())["conditions"][1]
     for label in ("harmful", "benign"):
