@@ -17,16 +17,13 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 from ngsd_jax import decode as decode_cli
-from ngsd_jax.decode import UsageError
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from ngsd_jax.decode import UsageError  # importing decode also keeps the Hub offline
 
 ALPHA_MODES = ("ngsd", "always")  # the modes whose expert pull is alpha
 REFLECT_IN_SWEEP = "reflect"  # an --alpha-sweep entry meaning "alpha from --reflect", as decode sets it
@@ -384,13 +381,24 @@ def _mean(values):
 
 
 def roc_auc(scores: list[float], positive: list[bool]) -> float | None:
-    """P(score of a random positive > score of a random negative), ties counting half."""
-    pos = [s for s, p in zip(scores, positive) if p]
-    neg = [s for s, p in zip(scores, positive) if not p]
-    if not pos or not neg:
+    """P(score of a random positive > score of a random negative), ties counting half
+    (the Mann-Whitney statistic from average ranks)."""
+    n_pos = sum(map(bool, positive))
+    n_neg = len(positive) - n_pos
+    if not n_pos or not n_neg:
         return None
-    wins = sum((a > b) + 0.5 * (a == b) for a in pos for b in neg)
-    return wins / (len(pos) * len(neg))
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    ranks = [0.0] * len(scores)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and scores[order[end + 1]] == scores[order[start]]:
+            end += 1
+        for k in range(start, end + 1):
+            ranks[order[k]] = (start + end) / 2 + 1
+        start = end + 1
+    positive_rank_sum = sum(r for r, p in zip(ranks, positive) if p)
+    return (positive_rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
 def label_metrics(rows: list[dict], harmful: bool) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import random
 import statistics
 
 import pytest
@@ -174,6 +175,15 @@ def test_first_difference_and_roc_auc():
     assert evaluate.roc_auc([0.9, 0.8, 0.1, 0.2], [True, True, False, False]) == 1.0
     assert evaluate.roc_auc([0.5, 0.1, 0.5], [True, True, False]) == 0.25
     assert evaluate.roc_auc([1.0], [True]) is None
+    rng = random.Random(0)
+    for _ in range(100):  # against the definition, over every positive-negative pair, with ties
+        scores = [rng.choice([0.1, 0.5, 0.9, rng.random()]) for _ in range(rng.randint(2, 12))]
+        labels = [rng.random() < 0.5 for _ in scores]
+        pos = [a for a, y in zip(scores, labels) if y]
+        neg = [b for b, y in zip(scores, labels) if not y]
+        pairs = [(a > b) + 0.5 * (a == b) for a in pos for b in neg]
+        expected = sum(pairs) / len(pairs) if pairs else None
+        assert evaluate.roc_auc(scores, labels) == pytest.approx(expected)
 
 
 def _row(verdict, spikes, new_tokens, steered, identical, first_diff, correct=None):
