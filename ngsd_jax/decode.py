@@ -17,16 +17,21 @@ import json
 import sys
 from pathlib import Path
 
+from ngsd_jax import distributed
+
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "decode"
-PROMPT_FIELDS = ("prompt", "goal", "Goal", "instruction", "text", "question")
+PROMPT_FIELDS = ("prompt", "goal", "instruction", "question", "query", "request", "behavior", "input",
+                 "text")
 
 
 class UsageError(ValueError):
     """Bad command-line input; printed as one line."""
 
 
-def read_prompts(path: Path) -> list[str]:
-    """Prompts from .txt (one per line), .jsonl, .json (a list of strings or objects) or .csv."""
+def read_records(path: Path) -> list:
+    """The items of a prompts file: strings (.txt lines, bare JSON strings) or dicts (.csv rows, JSON objects).
+
+    .txt holds one prompt per line, .jsonl one JSON value per line, .json a list of values."""
     if not path.is_file():
         raise UsageError(f"{path}: no such prompts file")
     text = path.read_text(encoding="utf-8")
@@ -34,11 +39,7 @@ def read_prompts(path: Path) -> list[str]:
     if suffix == ".txt":
         return [line.strip() for line in text.splitlines() if line.strip()]
     if suffix == ".csv":
-        rows = list(csv.DictReader(text.splitlines()))
-        field = next((f for f in PROMPT_FIELDS if rows and f in rows[0]), None)
-        if field is None:
-            raise UsageError(f"{path}: no prompt column; name one of {', '.join(PROMPT_FIELDS)}")
-        return [row[field] for row in rows]
+        return list(csv.DictReader(text.splitlines()))
     if suffix == ".jsonl":
         items = []
         for number, line in enumerate(text.splitlines(), start=1):
@@ -47,21 +48,44 @@ def read_prompts(path: Path) -> list[str]:
                     items.append(json.loads(line))
                 except json.JSONDecodeError as err:
                     raise UsageError(f"{path}:{number}: not JSON ({err.msg})") from None
-    elif suffix == ".json":
+        return items
+    if suffix == ".json":
         try:
             items = json.loads(text)
         except json.JSONDecodeError as err:
             raise UsageError(f"{path}: not JSON ({err.msg} at line {err.lineno})") from None
         if not isinstance(items, list):
             raise UsageError(f"{path}: expected a JSON list of prompts")
-    else:
-        raise UsageError(f"{path}: unknown prompts format '{suffix}'; use .txt, .jsonl, .json or .csv")
+        return items
+    raise UsageError(f"{path}: unknown prompts format '{suffix}'; use .txt, .jsonl, .json or .csv")
+
+
+def find_prompt_field(keys) -> str | None:
+    """The key naming the prompt: the first of PROMPT_FIELDS present, in any case ("Goal" for "goal")."""
+    keys = [k for k in keys if isinstance(k, str)]
+    for name in PROMPT_FIELDS:
+        if name in keys:
+            return name
+        folded = [k for k in keys if k.lower() == name]
+        if folded:
+            return folded[0]
+    return None
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Prompts from .txt (one per line), .jsonl, .json (a list of strings or objects) or .csv."""
+    items = read_records(path)
+    if path.suffix.lower() == ".csv":
+        field = find_prompt_field(items[0]) if items else None
+        if field is None:
+            raise UsageError(f"{path}: no prompt column; name one of {', '.join(PROMPT_FIELDS)}")
+        return [row[field] for row in items]
     prompts = []
     for number, item in enumerate(items, start=1):
         if isinstance(item, str):
             prompts.append(item)
             continue
-        field = next((f for f in PROMPT_FIELDS if isinstance(item, dict) and f in item), None)
+        field = find_prompt_field(item) if isinstance(item, dict) else None
         if field is None:
             raise UsageError(f"{path}: item {number} has no prompt field ({', '.join(PROMPT_FIELDS)})")
         prompts.append(item[field])
@@ -77,9 +101,6 @@ def load_preset(name: str) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ngsd_jax.engine import MODES
-    from ngsd_jax.reflection import REFLECT_MODES, REFLECT_PARSERS
-
     p = argparse.ArgumentParser(prog="python -m ngsd_jax.decode", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("prompts")
@@ -87,6 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompts-file", type=Path, help=".txt (one per line), .jsonl, .json or .csv")
     src.add_argument("--prefill", default="", metavar="TEXT",
                      help="force the response to start with TEXT for both models (prefilling attack)")
+    add_decode_options(p)
+    out = p.add_argument_group("output")
+    out.add_argument("--json", action="store_true", help="one JSON object per prompt (with trace and reflection)")
+    out.add_argument("--trace", action="store_true", help="print D, v, spike and alpha per generated token")
+    return p
+
+
+def add_decode_options(p: argparse.ArgumentParser, single_mode: bool = True) -> None:
+    """The model, decoding and gate options, shared by every CLI that decodes (decode, eval).
+
+    `single_mode=False` leaves out --mode, for a caller that runs several modes itself."""
+    from ngsd_jax.engine import MODES
+    from ngsd_jax.reflection import REFLECT_MODES, REFLECT_PARSERS
+
     models = p.add_argument_group("models")
     models.add_argument("--preset", help=f"a decode preset from decode/ ({', '.join(sorted(x.stem for x in PRESETS_DIR.glob('*.json')))})")
     models.add_argument("--base", help="base checkpoint: HF directory, .gguf, converted checkpoint, a name under checkpoints/, or a Hugging Face Hub id ORG/NAME (default: embedded SmolLM2-135M-Instruct)")
@@ -100,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="render chat prompts with enable_thinking=True (Qwen3 then may think in <think> blocks, "
                              "which the gate would run over); off by default, as the reference runs Qwen3")
     dec = p.add_argument_group("decoding")
-    dec.add_argument("--mode", choices=MODES, default=None, help="ngsd (default), base, expert, always, safedecoding")
+    if single_mode:
+        dec.add_argument("--mode", choices=MODES, default=None, help="ngsd (default), base, expert, always, safedecoding")
     dec.add_argument("--reflect", choices=REFLECT_MODES, default=None,
                      help="how alpha is set: json (the paper's self-reflection, default), logit, off (use --alpha)")
     dec.add_argument("--alpha", type=float, default=None, help="expert pull when --reflect off (default 0.5)")
@@ -144,13 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--expert-placement", choices=("sharded", "replicated"), default="sharded",
                         help="the expert's weights split over the mesh like the base's (default) or a copy on "
                              "every device (a small expert beside a big base: no all-reduces for it)")
-    from ngsd_jax import distributed
-
     distributed.add_arguments(p)
-    out = p.add_argument_group("output")
-    out.add_argument("--json", action="store_true", help="one JSON object per prompt (with trace and reflection)")
-    out.add_argument("--trace", action="store_true", help="print D, v, spike and alpha per generated token")
-    return p
 
 
 @dataclasses.dataclass
@@ -230,12 +260,12 @@ def check_options(options: Options, args) -> None:
             raise UsageError(message)
 
 
-def _resolve_models(options: Options) -> tuple[str, str | None]:
+def _resolve_models(options: Options, modes) -> tuple[str, str | None]:
     from ngsd_jax.default_model import default_base_path, default_expert_path
 
     base = _checkpoint_path(options.base, "base") if options.base else str(default_base_path())
     expert = _checkpoint_path(options.expert, "expert") if options.expert else None
-    if expert is None and options.mode != "base":
+    if expert is None and any(mode != "base" for mode in modes):
         found = default_expert_path() if options.base is None else None
         if found is None:
             raise UsageError("no expert model: run `python -m ngsd_jax.train` to build the default one "
@@ -287,28 +317,27 @@ def main(argv=None) -> int:
         return 2
 
 
-def run(args) -> int:
-    prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
-    if not prompts:
-        raise UsageError("no prompts: give --prompt TEXT or --prompts-file FILE")
-    options = resolve_options(args)
-    check_options(options, args)
+@dataclasses.dataclass
+class LoadedPair:
+    """The engine over the models some modes need, with the tokenizers that encode its prompts."""
 
-    from ngsd_jax import distributed
+    engine: object
+    base_tokenizer: object
+    expert_tokenizer: object | None
 
-    distributed.initialize(args.multi_host)  # before any other jax call
+
+def load_pair(options: Options, modes, args, prompts: list[str], prefill: str = "") -> LoadedPair:
+    """Loads the base and expert that `modes` need, refusing a pair whose tokenizers differ before any
+    weights, and placing the weights on the mesh that `args` asks for (after its memory plan)."""
     import jax.numpy as jnp
-    from tqdm import tqdm
 
     from ngsd_jax.early_stop import early_stop_tables
-    from ngsd_jax.engine import DecodeSettings, Engine
+    from ngsd_jax.engine import Engine
     from ngsd_jax.loading import load_model
-    from ngsd_jax.ngsd import GateConfig
-    from ngsd_jax.reflection import reflect
     from ngsd_jax.tokenizer import compare_vocabularies, encode_chat, load_tokenizer, stop_token_ids
 
-    base_path, expert_path = _resolve_models(options)
-    uses_base, uses_expert = options.mode != "expert", options.mode != "base"
+    base_path, expert_path = _resolve_models(options, modes)
+    uses_base, uses_expert = any(m != "expert" for m in modes), any(m != "base" for m in modes)
     # Tokenizers first: a mismatched pair is refused before any weights are read.
     base_tok = load_tokenizer(base_path)
     expert_tok = load_tokenizer(expert_path) if expert_path else None
@@ -319,7 +348,7 @@ def run(args) -> int:
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[options.dtype]
     chats = [(base_tok, options.system_prompt, options.chat_template),
              (expert_tok, options.expert_system_prompt, options.expert_chat_template)]
-    widest = max(len(encode_chat(tok, p, system, template, args.prefill, thinking=options.thinking)) for p in prompts
+    widest = max(len(encode_chat(tok, p, system, template, prefill, thinking=options.thinking)) for p in prompts
                  for tok, system, template in chats if tok is not None)
     models = [(name, path, placement) for name, path, placement, used in (
         ("base", base_path, "sharded", uses_base), ("expert", expert_path, args.expert_placement, uses_expert)) if used]
@@ -331,36 +360,77 @@ def run(args) -> int:
                     stop_ids=stop_token_ids(base_tok, (base or expert).config, options.chat_template),
                     pad_id=base_tok.pad_token_id or 0,
                     early_stop_tables=early_stop_tables(base_tok, vocab_size) if options.early_stop else None)
-    settings = DecodeSettings(
-        mode=options.mode, max_new_tokens=options.max_new_tokens, sampling_top_k=args.top_k,
+    return LoadedPair(engine, base_tok, expert_tok)
+
+
+def decode_settings(options: Options, mode: str, sampling_top_k: int = 0):
+    from ngsd_jax.engine import DecodeSettings
+    from ngsd_jax.ngsd import GateConfig
+
+    return DecodeSettings(
+        mode=mode, max_new_tokens=options.max_new_tokens, sampling_top_k=sampling_top_k,
         gate=GateConfig(tau=options.tau, threshold=options.threshold, v_reset=options.v_reset,
                         soft_reset=options.soft_reset, top_k=options.merge_top_k, divergence=options.divergence),
         safedecoding_first_m=options.safedecoding_m, safedecoding_alpha=options.safedecoding_alpha,
         safedecoding_min_common=options.safedecoding_common, early_stop=options.early_stop,
     )
-    reflect_mode = options.reflect if options.mode in ("ngsd", "always") else "off"
+
+
+def reflect_prompts(pair: LoadedPair, options: Options, mode: str, prompts: list[str]):
+    """Self-reflection for the modes that take alpha (ngsd, always); every other mode gets reflection 'off'."""
+    from ngsd_jax.reflection import reflect
+
+    reflect_mode = options.reflect if mode in ("ngsd", "always") else "off"
+    return reflect(pair.engine, pair.base_tokenizer, prompts, reflect_mode, options.alpha, options.chat_template,
+                   thinking=options.thinking, parser=options.reflect_parse, prefix=options.reflect_prefix,
+                   max_new_tokens=options.reflect_max_new_tokens, all_zero_risk=options.reflect_all_zero_risk)
+
+
+def encode_prompts(pair: LoadedPair, options: Options, prompts: list[str], prefill=""):
+    """(base prompt ids, expert prompt ids or None), each ending with `prefill` (text or ids) forced."""
+    from ngsd_jax.tokenizer import encode_chat
+
+    base_prompts = [encode_chat(pair.base_tokenizer, p, options.system_prompt, options.chat_template, prefill,
+                                thinking=options.thinking) for p in prompts]
+    expert_prompts = None
+    if pair.expert_tokenizer is not None:
+        expert_prompts = [encode_chat(pair.expert_tokenizer, p, options.expert_system_prompt,
+                                      options.expert_chat_template, prefill, thinking=options.thinking)
+                          for p in prompts]
+    return base_prompts, expert_prompts
+
+
+def decode_prompts(pair: LoadedPair, settings, args, base_prompts, expert_prompts, alpha):
+    """One engine call with the command line's sampling options; the expert mode decodes the expert's prompts."""
+    first = base_prompts if settings.uses_base else expert_prompts
+    return pair.engine.decode(first, expert_prompts, settings, alpha=alpha, temperature=args.temperature,
+                              top_p=args.top_p, seed=args.seed)
+
+
+def run(args) -> int:
+    prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
+    if not prompts:
+        raise UsageError("no prompts: give --prompt TEXT or --prompts-file FILE")
+    options = resolve_options(args)
+    check_options(options, args)
+    distributed.initialize(args.multi_host)  # before any other jax call
+
+    from tqdm import tqdm
+
+    pair = load_pair(options, (options.mode,), args, prompts, args.prefill)
+    settings = decode_settings(options, options.mode, args.top_k)
     batches = [prompts[i: i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
     primary = distributed.is_primary()
     progress = tqdm(total=len(prompts), unit="prompt",
                     disable=len(batches) == 1 or not sys.stderr.isatty() or not primary,
                     desc=f"decoding ({options.mode})")
     for batch in batches:
-        reflections = reflect(engine, base_tok, batch, reflect_mode, options.alpha, options.chat_template,
-                              thinking=options.thinking, parser=options.reflect_parse, prefix=options.reflect_prefix,
-                              max_new_tokens=options.reflect_max_new_tokens,
-                              all_zero_risk=options.reflect_all_zero_risk)
-        base_prompts = [encode_chat(base_tok, p, options.system_prompt, options.chat_template, args.prefill,
-                                    thinking=options.thinking) for p in batch]
-        expert_prompts = None
-        if expert_tok is not None:
-            expert_prompts = [encode_chat(expert_tok, p, options.expert_system_prompt, options.expert_chat_template,
-                                          args.prefill, thinking=options.thinking) for p in batch]
-        result = engine.decode(base_prompts if uses_base else expert_prompts, expert_prompts, settings,
-                               alpha=[r.alpha for r in reflections], temperature=args.temperature,
-                               top_p=args.top_p, seed=args.seed)
+        reflections = reflect_prompts(pair, options, options.mode, batch)
+        base_prompts, expert_prompts = encode_prompts(pair, options, batch, args.prefill)
+        result = decode_prompts(pair, settings, args, base_prompts, expert_prompts, [r.alpha for r in reflections])
         for i, prompt in enumerate(batch if primary else ()):
-            text = base_tok.decode(result.sequence(i), skip_special_tokens=True)
-            _emit(args, options, prompt, text, result, i, reflections[i], base_tok)
+            text = pair.base_tokenizer.decode(result.sequence(i), skip_special_tokens=True)
+            _emit(args, options, prompt, text, result, i, reflections[i], pair.base_tokenizer)
         progress.update(len(batch))
     progress.close()
     return 0
@@ -369,7 +439,6 @@ def run(args) -> int:
 def plan_devices(args, models, dtype, batch: int, widest_prompt: int, new_tokens: int):
     """Chooses the mesh (None: one device, the unsharded program), prints the memory plan and
     refuses a configuration that does not fit. `models`: (name, path, placement) per model used."""
-    from ngsd_jax import distributed
     from ngsd_jax.engine import bucket_length
     from ngsd_jax.loading import load_model_config
     from ngsd_jax.memory import check_fits, decode_plan, device_memory
