@@ -285,12 +285,13 @@ def _checkpoint_path(name: str, role: str) -> str:
         raise UsageError(f"{role} model {err}") from None
 
 
-def _distribution_size(softmax_over: str, tokenizer_size: int, base, expert) -> int:
+def _distribution_size(softmax_over: str, tokenizer_size: int, configs: dict) -> int:
     """How many logits the next-token distributions cover: the tokenizer's tokens, or every
-    embedding row (the reference's softmax), which the models in use must then agree on."""
+    embedding row (the reference's softmax), which the models in use (`configs` by role) must
+    then agree on. Read from the configs, so a pair that disagrees is refused before loading."""
     if softmax_over == "tokenizer":
         return tokenizer_size
-    rows = {name: model.config.vocab_size for name, model in (("base", base), ("expert", expert)) if model is not None}
+    rows = {name: config.vocab_size for name, config in configs.items()}
     if len(set(rows.values())) > 1:
         raise UsageError(f"--softmax-over embedding: the base has {rows['base']} embedding rows and the expert "
                          f"{rows['expert']}; use --softmax-over tokenizer")
@@ -333,7 +334,7 @@ def load_pair(options: Options, modes, args, prompts: list[str], prefill: str = 
 
     from ngsd_jax.early_stop import early_stop_tables
     from ngsd_jax.engine import Engine
-    from ngsd_jax.loading import load_model
+    from ngsd_jax.loading import load_model, load_model_config
     from ngsd_jax.tokenizer import compare_vocabularies, encode_chat, load_tokenizer, stop_token_ids
 
     base_path, expert_path = _resolve_models(options, modes)
@@ -352,10 +353,11 @@ def load_pair(options: Options, modes, args, prompts: list[str], prefill: str = 
                  for tok, system, template in chats if tok is not None)
     models = [(name, path, placement) for name, path, placement, used in (
         ("base", base_path, "sharded", uses_base), ("expert", expert_path, args.expert_placement, uses_expert)) if used]
+    vocab_size = _distribution_size(options.softmax_over, len(base_tok),
+                                    {name: load_model_config(path) for name, path, _ in models})
     mesh = plan_devices(args, models, dtype, min(args.batch_size, len(prompts)), widest, options.max_new_tokens)
     base = load_model(base_path, dtype, mesh) if uses_base else None
     expert = load_model(expert_path, dtype, mesh, args.expert_placement) if uses_expert else None
-    vocab_size = _distribution_size(options.softmax_over, len(base_tok), base, expert)
     engine = Engine(base, expert, mesh=mesh, vocab_size=vocab_size,
                     stop_ids=stop_token_ids(base_tok, (base or expert).config, options.chat_template),
                     pad_id=base_tok.pad_token_id or 0,
