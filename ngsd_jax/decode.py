@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     models = p.add_argument_group("models")
     models.add_argument("--preset", help=f"a decode preset from decode/ ({', '.join(sorted(x.stem for x in PRESETS_DIR.glob('*.json')))})")
     models.add_argument("--base", help="base checkpoint: HF directory, .gguf, or converted checkpoint (default: embedded SmolLM2-135M-Instruct)")
-    models.add_argument("--expert", help="expert checkpoint (default: the expert `python -m ngsd_jax.train` builds)")
+    models.add_argument("--expert", help="expert checkpoint, or a LoRA adapter directory over the base "
+                        "(default: the expert `python -m ngsd_jax.train` builds, as its adapter when it kept one)")
     models.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="parameter dtype (default float32)")
     models.add_argument("--system-prompt", default=None, help="system prompt for the base model")
     models.add_argument("--expert-system-prompt", default=None, help="system prompt for the expert (its own format)")
@@ -172,7 +173,9 @@ def resolve_options(args) -> Options:
 
 
 def _resolve_models(options: Options) -> tuple[str, str | None]:
+    """Base and expert paths; a default expert trained as LoRA is used as its adapter (one weight stream)."""
     from ngsd_jax.default_model import default_base_path, default_expert_path
+    from ngsd_jax.lora import ADAPTER_SUBDIR, is_adapter
 
     base = _checkpoint_path(options.base) if options.base else str(default_base_path())
     expert = _checkpoint_path(options.expert) if options.expert else None
@@ -181,7 +184,7 @@ def _resolve_models(options: Options) -> tuple[str, str | None]:
         if found is None:
             raise UsageError("no expert model: run `python -m ngsd_jax.train` to build the default one "
                              "(about 10 minutes on a laptop CPU), pass --expert PATH, or use --mode base")
-        expert = str(found)
+        expert = str(found / ADAPTER_SUBDIR) if is_adapter(found / ADAPTER_SUBDIR) else str(found)
     return base, expert
 
 
@@ -232,6 +235,7 @@ def run(args) -> int:
     from ngsd_jax.early_stop import early_stop_tables
     from ngsd_jax.engine import DecodeSettings, Engine
     from ngsd_jax.loading import load_model
+    from ngsd_jax.lora import adapter_mismatch, is_adapter, load_adapter
     from ngsd_jax.ngsd import GateConfig
     from ngsd_jax.reflection import reflect
     from ngsd_jax.tokenizer import compare_vocabularies, encode_chat, load_tokenizer, stop_token_ids
@@ -240,15 +244,21 @@ def run(args) -> int:
     uses_base, uses_expert = options.mode != "expert", options.mode != "base"
     # Tokenizers first: a mismatched pair is refused before any weights are read.
     base_tok = load_tokenizer(base_path)
-    expert_tok = load_tokenizer(expert_path) if expert_path else None
+    adapter = load_adapter(expert_path) if uses_expert and expert_path and is_adapter(expert_path) else None
+    # An adapter expert is the base plus a delta: it has the base's tokenizer.
+    expert_tok = base_tok if adapter is not None else load_tokenizer(expert_path) if expert_path else None
     if uses_expert and expert_tok is not None:
         mismatch = compare_vocabularies(base_tok, expert_tok)
         if mismatch:
             raise UsageError(mismatch)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[options.dtype]
-    base = load_model(base_path, dtype) if uses_base else None
-    expert = load_model(expert_path, dtype) if uses_expert else None
-    engine = Engine(base, expert, vocab_size=len(base_tok),
+    base = load_model(base_path, dtype) if uses_base or adapter is not None else None
+    expert = load_model(expert_path, dtype) if uses_expert and adapter is None else None
+    if adapter is not None:
+        mismatch = adapter_mismatch(adapter, base, base_path)
+        if mismatch:
+            raise UsageError(f"{expert_path}: {mismatch}")
+    engine = Engine(base, expert, vocab_size=len(base_tok), adapter=adapter,
                     stop_ids=stop_token_ids(base_tok, (base or expert).config, options.chat_template),
                     pad_id=base_tok.pad_token_id or 0,
                     early_stop_tables=early_stop_tables(base_tok, len(base_tok)) if options.early_stop else None)

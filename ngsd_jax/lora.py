@@ -30,6 +30,7 @@ from flax import nnx
 
 from ngsd_jax.model import Decoder, Linear
 
+ADAPTER_SUBDIR = "adapter"  # where `python -m ngsd_jax.train` keeps it, inside the merged expert's checkpoint
 ADAPTER_CONFIG = "adapter.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_FORMAT = "ngsd-jax-lora-1"
