@@ -101,8 +101,8 @@ def test_a_finished_row_cannot_spike():
                         expert_len=None, base_logits=base_logits, expert_logits=expert_logits,
                         v=jnp.asarray([0.5, 0.5]), done=jnp.asarray([False, True]), tokens=None, trace_d=None,
                         trace_v=None, trace_spike=None, trace_alpha=None)
-    scores, _, _, spike, in_force = engine_module._choose(DecodeSettings(mode="ngsd", gate=ngsd.GateConfig(top_k=2)), state, jnp.asarray([0.9, 0.9]),
-                                                          None, None, 4)
+    settings = DecodeSettings(mode="ngsd", gate=ngsd.GateConfig(top_k=2))
+    scores, _, _, spike, in_force = engine_module._choose(settings, state, jnp.asarray([0.9, 0.9]), None, None, 4)
     np.testing.assert_array_equal(spike, [True, False])
     np.testing.assert_allclose(in_force, [0.9, 0.0])
     assert int(jnp.argmax(scores[0])) == 1 and int(jnp.argmax(scores[1])) == 0
