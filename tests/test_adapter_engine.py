@@ -85,6 +85,14 @@ def test_adapter_expert_with_its_own_prompts_equals_the_merged_expert(engines, m
     _assert_same_decode(adapted, merged, 3)
 
 
+def test_adapter_expert_next_token_distribution_equals_the_merged_one(engines):
+    adapter_engine, merged_engine = engines
+    prompts = _prompts(3, [4, 15, 8])
+    adapted = adapter_engine.next_token_distribution(prompts, model="expert")
+    np.testing.assert_allclose(adapted, merged_engine.next_token_distribution(prompts, model="expert"), atol=1e-5)
+    assert np.abs(adapted - merged_engine.next_token_distribution(prompts, model="base")).max() > 0.1
+
+
 def test_identical_prompts_run_the_layers_below_the_adapter_once(base, engines):
     adapter_engine, _ = engines
     assert adapter_engine.first_adapted == ADAPTED[0]
