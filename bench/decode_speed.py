@@ -140,12 +140,14 @@ def main():
         start = time.perf_counter()
         run()
         first_call[key] = time.perf_counter() - start
+        print(f"# first call, {key[0]}, {key[1]}: {first_call[key]:.2f} s", flush=True)  # survives a timeout
     timings = {key: [] for key in cases}
     for _ in range(args.repeats):
         for key, run in cases.items():
             start = time.perf_counter()
             run()
             timings[key].append(time.perf_counter() - start)
+            print(f"# {key[0]}, {key[1]}: {timings[key][-1]:.3f} s", flush=True)
     load_after = os.getloadavg()
 
     config = model.config
