@@ -125,7 +125,8 @@ def add_decode_options(p: argparse.ArgumentParser, single_mode: bool = True) -> 
     models = p.add_argument_group("models")
     models.add_argument("--preset", help=f"a decode preset from decode/ ({', '.join(sorted(x.stem for x in PRESETS_DIR.glob('*.json')))})")
     models.add_argument("--base", help="base checkpoint: HF directory, .gguf, converted checkpoint, a name under checkpoints/, or a Hugging Face Hub id ORG/NAME (default: embedded SmolLM2-135M-Instruct)")
-    models.add_argument("--expert", help="expert checkpoint, named like --base (default: the expert `python -m ngsd_jax.train` builds)")
+    models.add_argument("--expert", help="expert checkpoint named like --base, or a LoRA adapter directory over the "
+                        "base (default: the expert `python -m ngsd_jax.train` builds, as its adapter when it kept one)")
     models.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="parameter dtype (default float32)")
     models.add_argument("--system-prompt", default=None, help="system prompt for the base model")
     models.add_argument("--expert-system-prompt", default=None, help="system prompt for the expert (its own format)")
@@ -261,7 +262,9 @@ def check_options(options: Options, args) -> None:
 
 
 def _resolve_models(options: Options, modes) -> tuple[str, str | None]:
+    """Base and expert paths; a default expert trained as LoRA is used as its adapter (one weight stream)."""
     from ngsd_jax.default_model import default_base_path, default_expert_path
+    from ngsd_jax.lora import ADAPTER_SUBDIR, is_adapter
 
     base = _checkpoint_path(options.base, "base") if options.base else str(default_base_path())
     expert = _checkpoint_path(options.expert, "expert") if options.expert else None
@@ -270,7 +273,7 @@ def _resolve_models(options: Options, modes) -> tuple[str, str | None]:
         if found is None:
             raise UsageError("no expert model: run `python -m ngsd_jax.train` to build the default one "
                              "(about 10 minutes on a laptop CPU), pass --expert PATH, or use --mode base")
-        expert = str(found)
+        expert = str(found / ADAPTER_SUBDIR) if is_adapter(found / ADAPTER_SUBDIR) else str(found)
     return base, expert
 
 
@@ -335,13 +338,16 @@ def load_pair(options: Options, modes, args, prompts: list[str], prefill: str = 
     from ngsd_jax.early_stop import early_stop_tables
     from ngsd_jax.engine import Engine
     from ngsd_jax.loading import load_model, load_model_config
+    from ngsd_jax.lora import adapter_mismatch, is_adapter, load_adapter
     from ngsd_jax.tokenizer import compare_vocabularies, encode_chat, load_tokenizer, stop_token_ids
 
     base_path, expert_path = _resolve_models(options, modes)
     uses_base, uses_expert = any(m != "expert" for m in modes), any(m != "base" for m in modes)
     # Tokenizers first: a mismatched pair is refused before any weights are read.
     base_tok = load_tokenizer(base_path)
-    expert_tok = load_tokenizer(expert_path) if expert_path else None
+    adapter = load_adapter(expert_path) if uses_expert and expert_path and is_adapter(expert_path) else None
+    # An adapter expert is the base plus a delta: it has the base's tokenizer.
+    expert_tok = base_tok if adapter is not None else load_tokenizer(expert_path) if expert_path else None
     if uses_expert and expert_tok is not None:
         mismatch = compare_vocabularies(base_tok, expert_tok)
         if mismatch:
@@ -351,14 +357,22 @@ def load_pair(options: Options, modes, args, prompts: list[str], prefill: str = 
              (expert_tok, options.expert_system_prompt, options.expert_chat_template)]
     widest = max(len(encode_chat(tok, p, system, template, prefill, thinking=options.thinking)) for p in prompts
                  for tok, system, template in chats if tok is not None)
+    # An adapter's expert is the base's own weights plus a small delta: planned and loaded as the base.
+    uses_base = uses_base or adapter is not None
+    uses_expert_model = uses_expert and adapter is None
     models = [(name, path, placement) for name, path, placement, used in (
-        ("base", base_path, "sharded", uses_base), ("expert", expert_path, args.expert_placement, uses_expert)) if used]
+        ("base", base_path, "sharded", uses_base),
+        ("expert", expert_path, args.expert_placement, uses_expert_model)) if used]
     vocab_size = _distribution_size(options.softmax_over, len(base_tok),
                                     {name: load_model_config(path) for name, path, _ in models})
     mesh = plan_devices(args, models, dtype, min(args.batch_size, len(prompts)), widest, options.max_new_tokens)
     base = load_model(base_path, dtype, mesh) if uses_base else None
-    expert = load_model(expert_path, dtype, mesh, args.expert_placement) if uses_expert else None
-    engine = Engine(base, expert, mesh=mesh, vocab_size=vocab_size,
+    expert = load_model(expert_path, dtype, mesh, args.expert_placement) if uses_expert_model else None
+    if adapter is not None:
+        mismatch = adapter_mismatch(adapter, base, base_path)
+        if mismatch:
+            raise UsageError(f"{expert_path}: {mismatch}")
+    engine = Engine(base, expert, mesh=mesh, vocab_size=vocab_size, adapter=adapter,
                     stop_ids=stop_token_ids(base_tok, (base or expert).config, options.chat_template),
                     pad_id=base_tok.pad_token_id or 0,
                     early_stop_tables=early_stop_tables(base_tok, vocab_size) if options.early_stop else None)

@@ -6,6 +6,13 @@ step, trace buffers) is carried through a single `lax.while_loop`; the host sees
 until every sequence is done or the budget is spent. Prompts are right-padded to a few
 length buckets and the batch to a power of two, with real lengths passed as arrays, so a
 new prompt of an already-seen bucket reuses the compiled program.
+
+An expert given as a LoRA adapter over the base (`Engine(base, None, ..., adapter=...)`)
+streams the base's weights once per step: base rows and expert rows go through the same
+matmuls as one [2B, ...] batch, the adapter's low-rank delta added to the expert rows only
+(`lora.attach_expert_rows`). When both row sets have the same prompt, the layers below the
+first adapted one compute the same hidden states for both, so they run once on [B] rows
+with one KV cache, and the rows are duplicated at the first adapted layer.
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ from flax import nnx
 from ngsd_jax import early_stop as es
 from ngsd_jax import ngsd
 from ngsd_jax import sharding as sh
-from ngsd_jax.model import Decoder, init_cache
+from ngsd_jax.config import rope_inverse_frequencies
+from ngsd_jax.lora import LoRAAdapter, attach_expert_rows
+from ngsd_jax.model import Decoder, init_cache, tie_to_step
 
 MODES = ("ngsd", "base", "expert", "always", "safedecoding")
 # Powers of two and the 1.5x steps between them: a prompt pads by at most a third, since
@@ -44,6 +53,7 @@ class DecodeSettings:
     safedecoding_min_common: int = 5
     early_stop: bool = False  # the reference's early-stop heuristic (spec §5); off: not traced at all
     early_stop_rule: es.EarlyStopRule = es.EarlyStopRule()
+    shared_prompts: bool = False  # set by Engine.decode: an adapter expert whose prompts are the base's
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -63,7 +73,7 @@ class DecodeSettings:
 class DecodeState(NamedTuple):
     step: jax.Array  # scalar int32
     key: jax.Array
-    base_cache: Any
+    base_cache: Any  # with an adapter expert: the one cache of the paired rows (see _paired_forward)
     expert_cache: Any
     base_len: jax.Array  # [B] next write position in the base cache
     expert_len: jax.Array
@@ -126,6 +136,38 @@ def _step(model: Decoder, token, lengths, cache):
     return model.logits(hidden[:, 0]), cache
 
 
+def _paired_forward(model: Decoder, first_adapted: int, shared: bool, tokens, positions, cache):
+    """One forward of base rows and expert rows over one copy of the weights (a decoder from
+    `attach_expert_rows`). Not shared: tokens and positions are [2B, T], base rows first.
+    Shared (identical prompts): they are [B, T]; the layers below `first_adapted` run once
+    and their cache has B rows; from `first_adapted` on the rows are duplicated."""
+    tokens, table = tie_to_step(tokens, model.embedding[...])
+    x = jnp.take(table, tokens, axis=0)
+    inv_freq = jnp.asarray(rope_inverse_frequencies(model.config))
+    new_cache = []
+    for i, layer in enumerate(model.layers):
+        if shared and i == first_adapted:
+            x, positions = jnp.concatenate([x, x]), jnp.concatenate([positions, positions])
+        x, layer_cache = layer(x, positions, inv_freq, cache[i])
+        new_cache.append(layer_cache)
+    return model.final_norm(x), tuple(new_cache)
+
+
+def _paired_cache(model: Decoder, first_adapted: int, shared: bool, batch: int, max_len: int):
+    paired = init_cache(model.config, 2 * batch, max_len, model.dtype)
+    if not shared:
+        return paired
+    return init_cache(model.config, batch, max_len, model.dtype)[:first_adapted] + paired[first_adapted:]
+
+
+def _paired_prefill(model: Decoder, first_adapted: int, shared: bool, prompt, lengths, cache):
+    """Logits [2B, V] after each row's prompt; `lengths` is [2B] (base rows, then expert rows)."""
+    positions = jnp.broadcast_to(jnp.arange(prompt.shape[1], dtype=jnp.int32), prompt.shape)
+    hidden, cache = _paired_forward(model, first_adapted, shared, prompt, positions, cache)
+    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    return model.logits(last), cache
+
+
 def _probabilities(logits, vocab_size):
     # Rows past the real vocabulary (padded embedding tables) never get probability mass.
     return jax.nn.softmax(logits[:, :vocab_size].astype(jnp.float32), axis=-1)
@@ -146,6 +188,9 @@ def _choose(settings: DecodeSettings, state: DecodeState, alpha, temperature, to
     d = ngsd.divergence(gate.divergence, p_b, p_e)
     if settings.mode == "ngsd":
         v, spike = ngsd.lif_step(state.v, d, gate)
+        # A finished (or batch-padding) row's token is padding whatever it scores; letting it
+        # spike would only make the merge below run for nothing.
+        spike = spike & ~state.done
         # Most steps fire nowhere in the batch; skip the two top-k passes then.
         scores = jax.lax.cond(jnp.any(spike), lambda: ngsd.ngsd_scores(p_b, p_e, spike, alpha, gate.top_k),
                               lambda: p_b)
@@ -155,19 +200,23 @@ def _choose(settings: DecodeSettings, state: DecodeState, alpha, temperature, to
         return scores, d, state.v, jnp.ones((batch,), bool), alpha
     # safedecoding: the expert steers only the first m tokens.
     active = state.step < settings.safedecoding_first_m
-    merged = ngsd.safedecoding_scores(p_b, p_e, settings.safedecoding_alpha, settings.safedecoding_min_common)
-    scores = jnp.where(active, merged, p_b)
+    # The merge ranks the whole vocabulary twice; after the first m tokens it is not needed.
+    scores = jax.lax.cond(active, lambda: ngsd.safedecoding_scores(
+        p_b, p_e, settings.safedecoding_alpha, settings.safedecoding_min_common), lambda: p_b)
     in_force = jnp.where(active, settings.safedecoding_alpha, 0.0) * jnp.ones((batch,), jnp.float32)
     return scores, d, state.v, jnp.broadcast_to(active, (batch,)), in_force
 
 
-def _decode(base_graph, expert_graph, settings: DecodeSettings, vocab_size: int, params, inputs, mesh=None):
-    base = nnx.merge(base_graph, params["base"]) if settings.uses_base else None
-    expert = nnx.merge(expert_graph, params["expert"]) if settings.uses_expert else None
+def _decode(base_graph, expert_graph, paired_graph, first_adapted, settings: DecodeSettings, vocab_size: int,
+            params, inputs, mesh=None):
+    paired = nnx.merge(paired_graph, params["paired"]) if paired_graph is not None else None
+    base = nnx.merge(base_graph, params["base"]) if base_graph is not None else None
+    expert = nnx.merge(expert_graph, params["expert"]) if expert_graph is not None else None
     alpha, temperature, top_p = inputs["alpha"], inputs["temperature"], inputs["top_p"]
     stop_ids, pad_id = inputs["stop_ids"], inputs["pad_id"]
     batch, n = inputs["alpha"].shape[0], settings.max_new_tokens
     placeholder = jnp.zeros((batch, 1), jnp.float32)
+    shared = settings.shared_prompts
 
     def prefill(model, prompt, lengths):
         if model is None:
@@ -175,8 +224,15 @@ def _decode(base_graph, expert_graph, settings: DecodeSettings, vocab_size: int,
         cache = init_cache(model.config, batch, prompt.shape[1] + n, model.dtype)
         return _prefill(model, prompt, lengths, cache)
 
-    base_logits, base_cache = prefill(base, inputs["base_prompt"], inputs["base_len"])
-    expert_logits, expert_cache = prefill(expert, inputs["expert_prompt"], inputs["expert_len"])
+    if paired is not None:
+        lengths = jnp.concatenate([inputs["base_len"], inputs["expert_len"]])
+        prompt = inputs["base_prompt"] if shared else jnp.concatenate([inputs["base_prompt"], inputs["expert_prompt"]])
+        cache = _paired_cache(paired, first_adapted, shared, batch, prompt.shape[1] + n)
+        logits, base_cache = _paired_prefill(paired, first_adapted, shared, prompt, lengths, cache)
+        base_logits, expert_logits, expert_cache = logits[:batch], logits[batch:], None
+    else:
+        base_logits, base_cache = prefill(base, inputs["base_prompt"], inputs["base_len"])
+        expert_logits, expert_cache = prefill(expert, inputs["expert_prompt"], inputs["expert_len"])
     f32 = jnp.zeros((batch, n), jnp.float32)
     state = DecodeState(
         step=jnp.int32(0),
@@ -201,7 +257,8 @@ def _decode(base_graph, expert_graph, settings: DecodeSettings, vocab_size: int,
     # split over the batch axes; without the constraint XLA may replicate freshly created ones.
     state = sh.constrain_batch(state, mesh)
 
-    def body(s: DecodeState) -> DecodeState:
+    def choose(s: DecodeState) -> DecodeState:
+        """Chooses and records the token at position s.step from the logits in s."""
         scores, d, v, spike, in_force = _choose(settings, s, alpha, temperature, top_p, vocab_size)
         if settings.sampling:
             key = jax.random.fold_in(s.key, s.step)
@@ -211,19 +268,8 @@ def _decode(base_graph, expert_graph, settings: DecodeSettings, vocab_size: int,
         token = jnp.where(s.done, pad_id, token)
         live = ~s.done
         record = lambda buf, x: buf.at[:, s.step].set(jnp.where(live, x, jnp.zeros_like(x)))  # noqa: E731
-        base_logits, base_cache = (s.base_logits, s.base_cache) if base is None else _step(
-            base, token, s.base_len, s.base_cache)
-        expert_logits, expert_cache = (s.expert_logits, s.expert_cache) if expert is None else _step(
-            expert, token, s.expert_len, s.expert_cache)
-        new = DecodeState(
+        new = s._replace(
             step=s.step + 1,
-            key=s.key,
-            base_cache=base_cache,
-            expert_cache=expert_cache,
-            base_len=s.base_len + 1,
-            expert_len=s.expert_len + 1,
-            base_logits=base_logits,
-            expert_logits=expert_logits,
             v=jnp.where(live, v, s.v),
             done=s.done | jnp.any(token[:, None] == stop_ids[None, :], axis=-1),
             tokens=s.tokens.at[:, s.step].set(token),
@@ -231,8 +277,6 @@ def _decode(base_graph, expert_graph, settings: DecodeSettings, vocab_size: int,
             trace_v=record(s.trace_v, v),
             trace_spike=record(s.trace_spike, spike),
             trace_alpha=record(s.trace_alpha, in_force),
-            cap=s.cap,
-            triggered=s.triggered,
         )
         if settings.early_stop:
             stop, cap, triggered = es.early_stop_step(inputs["early_stop"], settings.early_stop_rule, new.tokens,
@@ -240,23 +284,52 @@ def _decode(base_graph, expert_graph, settings: DecodeSettings, vocab_size: int,
             new = new._replace(done=new.done | stop, cap=cap, triggered=triggered)
         return sh.constrain_batch(new, mesh)
 
+    def forward(s: DecodeState) -> DecodeState:
+        """Feeds the last chosen token to the model(s): the logits for the next choice."""
+        token = s.tokens[:, s.step - 1]
+        if paired is not None:
+            if shared:
+                tokens, positions = token[:, None], s.base_len[:, None]
+            else:
+                tokens = jnp.concatenate([token, token])[:, None]
+                positions = jnp.concatenate([s.base_len, s.expert_len])[:, None]
+            hidden, cache = _paired_forward(paired, first_adapted, shared, tokens, positions, s.base_cache)
+            logits = paired.logits(hidden[:, 0])
+            base_logits, expert_logits, base_cache, expert_cache = logits[:batch], logits[batch:], cache, None
+        else:
+            base_logits, base_cache = (s.base_logits, s.base_cache) if base is None else _step(
+                base, token, s.base_len, s.base_cache)
+            expert_logits, expert_cache = (s.expert_logits, s.expert_cache) if expert is None else _step(
+                expert, token, s.expert_len, s.expert_cache)
+        return s._replace(base_cache=base_cache, expert_cache=expert_cache, base_len=s.base_len + 1,
+                          expert_len=s.expert_len + 1, base_logits=base_logits, expert_logits=expert_logits)
+
     def cond(s: DecodeState):
         return (s.step < n) & ~jnp.all(s.done)
 
-    final = jax.lax.while_loop(cond, body, state)
+    # Choose, then (forward, choose) while a token is still wanted: no forward pass is spent
+    # on logits that nothing would read after the last token.
+    final = jax.lax.while_loop(cond, lambda s: choose(forward(s)), choose(state))
     outputs = final.tokens, final.trace_d, final.trace_v, final.trace_spike, final.trace_alpha
     return outputs + (final.cap,) if settings.early_stop else outputs
 
 
 class Engine:
-    """Holds a base/expert pair split into pure parameter pytrees and one jitted program per bucket."""
+    """Holds a base/expert pair split into pure parameter pytrees and one jitted program per bucket.
+
+    The expert is either a model of its own or `adapter`, a LoRA adapter over `base`'s own
+    weights (then `expert` is None and the pair streams one copy of the weights per step).
+    """
 
     def __init__(self, base: Decoder | None, expert: Decoder | None, vocab_size: int, stop_ids, pad_id: int = 0,
-                 early_stop_tables: es.EarlyStopTables | None = None, mesh=None):
+                 early_stop_tables: es.EarlyStopTables | None = None, adapter: LoRAAdapter | None = None,
+                 mesh=None):
         """`mesh` (a ngsd_jax.sharding mesh; models already placed on it with `shard_model`)
         splits the batch over its data and fsdp axes."""
         if base is None and expert is None:
             raise ValueError("an engine needs at least one model")
+        if adapter is not None and (base is None or expert is not None):
+            raise ValueError("an adapter expert needs the base it adapts and no separate expert model")
         self.vocab_size = int(vocab_size)
         for name, model in (("base", base), ("expert", expert)):
             if model is not None and model.config.vocab_size < self.vocab_size:
@@ -266,6 +339,12 @@ class Engine:
         self.expert_graph, self.expert_params = nnx.split(expert) if expert is not None else (None, None)
         self.base_config = None if base is None else base.config
         self.expert_config = None if expert is None else expert.config
+        self.paired_graph = self.paired_params = None
+        self.first_adapted = None
+        if adapter is not None:
+            self.paired_graph, self.paired_params = nnx.split(attach_expert_rows(base, adapter))
+            self.first_adapted = min(adapter.layers)
+            self.expert_config = base.config
         self.stop_ids = _stop_array(stop_ids)
         self.pad_id = int(pad_id)
         # Needed only by settings with early_stop=True; on the device once (the automaton is V x ~160).
@@ -273,13 +352,20 @@ class Engine:
         self.compilations = 0
         self.mesh = mesh
         self.output_sharding = None  # the generated tokens' placement in the last decode
-        options = _compiler_options(self.base_params, self.expert_params)
-        self._jitted = jax.jit(self._traced, static_argnums=(0, 1, 2, 3), compiler_options=options)
+        options = _compiler_options(self.base_params, self.expert_params, self.paired_params)
+        self._jitted = jax.jit(self._traced, static_argnums=(0, 1, 2, 3, 4, 5), compiler_options=options)
         self._prefill_jitted = jax.jit(_next_token_probabilities, static_argnums=(0, 1), compiler_options=options)
+        self._expert_rows_prefill_jitted = jax.jit(_expert_rows_next_token_probabilities, static_argnums=(0, 1, 2),
+                                                   compiler_options=options)
 
-    def _traced(self, base_graph, expert_graph, settings, vocab_size, params, inputs):
+    @property
+    def has_adapter(self) -> bool:
+        return self.paired_graph is not None
+
+    def _traced(self, base_graph, expert_graph, paired_graph, first_adapted, settings, vocab_size, params, inputs):
         self.compilations += 1  # runs only while tracing, so it counts compilations
-        return _decode(base_graph, expert_graph, settings, vocab_size, params, inputs, self.mesh)
+        return _decode(base_graph, expert_graph, paired_graph, first_adapted, settings, vocab_size, params, inputs,
+                       self.mesh)
 
     def decode(
         self,
@@ -320,9 +406,13 @@ class Engine:
         expert_prompts = base_prompts if expert_prompts is None else expert_prompts
         if len(expert_prompts) != len(base_prompts):
             raise ValueError("base and expert prompts must be the same batch")
-        if settings.uses_base and self.base_graph is None or settings.uses_expert and self.expert_graph is None:
+        has_expert = self.expert_graph is not None or self.has_adapter
+        if settings.uses_base and self.base_graph is None or settings.uses_expert and not has_expert:
             raise ValueError(f"mode '{settings.mode}' needs a model this engine was not given")
-        settings = dataclasses.replace(settings, sampling=bool((np.asarray(temperature) > 0).any()))
+        paired = self.has_adapter and settings.uses_expert
+        settings = dataclasses.replace(settings, sampling=bool((np.asarray(temperature) > 0).any()),
+                                       shared_prompts=paired and list(map(list, expert_prompts)) == list(
+                                           map(list, base_prompts)))
         tables = self.early_stop_tables if early_stop_tables is None else early_stop_tables
         if settings.early_stop:
             if tables is None:
@@ -342,6 +432,10 @@ class Engine:
 
         base_prompt, base_len = pack_prompts(base_prompts, batch, self.pad_id)
         expert_prompt, expert_len = pack_prompts(expert_prompts, batch, self.pad_id)
+        if paired and base_prompt.shape[1] != expert_prompt.shape[1]:  # the row sets share one [2B, T] prefill
+            width = max(base_prompt.shape[1], expert_prompt.shape[1])
+            widen = lambda a: np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=self.pad_id)  # noqa: E731
+            base_prompt, expert_prompt = widen(base_prompt), widen(expert_prompt)
         stops = self.stop_ids if stop_ids is None else _stop_array(stop_ids)
         inputs = {
             "base_prompt": base_prompt,
@@ -360,21 +454,29 @@ class Engine:
             inputs = self._place_batch(inputs)
         if settings.early_stop:
             inputs["early_stop"] = tables
-        params = {"base": self.base_params if settings.uses_base else None,
-                  "expert": self.expert_params if settings.uses_expert else None}
-        arguments = (self.base_graph if settings.uses_base else None,
-                     self.expert_graph if settings.uses_expert else None,
-                     settings, self.vocab_size, params, inputs)
+        if paired:
+            graphs, params = (None, None, self.paired_graph), {"paired": self.paired_params}
+        else:
+            graphs = (self.base_graph if settings.uses_base else None,
+                      self.expert_graph if settings.uses_expert else None, None)
+            params = {"base": self.base_params if settings.uses_base else None,
+                      "expert": self.expert_params if settings.uses_expert else None}
+        arguments = (*graphs, self.first_adapted if paired else None, settings, self.vocab_size, params, inputs)
         return arguments, real, stops
 
     def next_token_distribution(self, prompts: list[list[int]], model: str = "base") -> np.ndarray:
         """p(next token) after each prompt, from one prefill: [len(prompts), vocab_size] fp32."""
-        graph, params, config = (self.base_graph, self.base_params, self.base_config) if model == "base" else (
-            self.expert_graph, self.expert_params, self.expert_config)
+        config = self.base_config if model == "base" else self.expert_config
         config.check_sequence_length(max(map(len, prompts)), model)
         array, lengths = pack_prompts(prompts, sh.pad_batch(bucket_batch(len(prompts)), self.mesh), self.pad_id)
         if self.mesh is not None:
             array, lengths = self._place_batch({"array": array, "lengths": lengths}).values()
+        if model == "expert" and self.has_adapter:
+            probabilities = self._expert_rows_prefill_jitted(self.paired_graph, self.first_adapted, self.vocab_size,
+                                                             self.paired_params, array, lengths)
+            return sh.fetch(probabilities)[: len(prompts)]
+        graph, params = (self.base_graph, self.base_params) if model == "base" else (
+            self.expert_graph, self.expert_params)
         probabilities = self._prefill_jitted(graph, self.vocab_size, params, array, lengths)
         return sh.fetch(probabilities)[: len(prompts)]
 
@@ -420,6 +522,13 @@ def _compiler_options(*params) -> dict | None:
     if jax.default_backend() == "cpu" and dtypes - {jnp.dtype(jnp.float32)}:
         return {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
     return None
+
+
+def _expert_rows_next_token_probabilities(graph, first_adapted, vocab_size, params, prompt, lengths):
+    model = nnx.merge(graph, params)
+    cache = _paired_cache(model, first_adapted, True, prompt.shape[0], prompt.shape[1])
+    logits, _ = _paired_prefill(model, first_adapted, True, prompt, jnp.concatenate([lengths, lengths]), cache)
+    return _probabilities(logits[prompt.shape[0]:], vocab_size)
 
 
 def _stop_array(stop_ids) -> np.ndarray:

@@ -156,17 +156,40 @@ def safedecoding_scores(p_b, p_e, alpha, min_common: int = 5):
     return steered / jnp.sum(steered, axis=-1, keepdims=True)
 
 
+# Tokens ranked by top-k before the nucleus is looked for: a nucleus almost always lies within
+# the few hundred most probable tokens, and a partial top-k is far cheaper than sorting the
+# vocabulary. A row whose nucleus reaches past them falls back to the full sort.
+NUCLEUS_CANDIDATES = 256
+
+
+def _nucleus_keep(probabilities, descending, mass_before, top_p):
+    """Keeps the most probable tokens until the mass before them reaches top_p; `descending`
+    is a prefix of the probabilities sorted in descending order that covers the nucleus."""
+    smallest_kept = jnp.min(jnp.where(mass_before < top_p, descending, jnp.inf), axis=-1, keepdims=True)
+    # top_p >= 1 must keep every token even where the float cumulative sum overshoots 1.
+    return (probabilities >= smallest_kept) | (top_p >= 1.0)
+
+
+def _mass_before(descending):
+    return jnp.cumsum(descending, axis=-1) - descending
+
+
 def nucleus_filter(logits, top_p):
     """Sets to -inf every token outside the top-p nucleus of softmax(logits); top_p: [B, 1].
 
     The nucleus holds the most probable tokens until the mass before them reaches top_p.
     """
     probabilities = jax.nn.softmax(logits, axis=-1)
-    descending = -jnp.sort(-probabilities, axis=-1)
-    mass_before = jnp.cumsum(descending, axis=-1) - descending
-    smallest_kept = jnp.min(jnp.where(mass_before < top_p, descending, jnp.inf), axis=-1, keepdims=True)
-    # top_p >= 1 must keep every token even where the float cumulative sum overshoots 1.
-    keep = (probabilities >= smallest_kept) | (top_p >= 1.0)
+    top = jax.lax.top_k(probabilities, min(NUCLEUS_CANDIDATES, probabilities.shape[-1]))[0]
+    top_mass_before = _mass_before(top)
+    # The nucleus ends inside the candidates when the mass before the last one reaches top_p.
+    covered = jnp.all((top_mass_before[:, -1:] >= top_p) | (top_p >= 1.0))
+
+    def full_sort():
+        descending = -jnp.sort(-probabilities, axis=-1)
+        return _nucleus_keep(probabilities, descending, _mass_before(descending), top_p)
+
+    keep = jax.lax.cond(covered, lambda: _nucleus_keep(probabilities, top, top_mass_before, top_p), full_sort)
     return jnp.where(keep, logits, -jnp.inf)
 
 

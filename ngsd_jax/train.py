@@ -619,9 +619,9 @@ def check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool) 
 
 
 def train(recipe: Recipe, model, examples, run_dir: Path, pad_id: int, resume: bool, mesh=None):
-    """Trains `model` (LoRA adapters merged in) and returns it; None when stopped by Ctrl-C after saving.
-    Under a `mesh` (see ngsd_jax.train_sharding) weights, adapters and optimizer state are split
-    over fsdp/tensor and each batch's rows over data/fsdp."""
+    """Trains `model` and returns it (LoRA adapters still apart: `write_expert` keeps them and merges);
+    None when stopped by Ctrl-C after saving. Under a `mesh` (see ngsd_jax.train_sharding) weights,
+    adapters and optimizer state are split over fsdp/tensor and each batch's rows over data/fsdp."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -630,7 +630,7 @@ def train(recipe: Recipe, model, examples, run_dir: Path, pad_id: int, resume: b
     from ngsd_jax import train_data as td
     from ngsd_jax import train_sharding as ts
     from ngsd_jax.distributed import is_primary
-    from ngsd_jax.lora import apply_lora, merge_lora
+    from ngsd_jax.lora import apply_lora
 
     if recipe.method == "lora":
         layers = None
@@ -715,8 +715,7 @@ def train(recipe: Recipe, model, examples, run_dir: Path, pad_id: int, resume: b
                 return None
     bar.close()
     manager.close()
-    trained = nnx.merge(graph, trainable, frozen)
-    return merge_lora(trained) if recipe.method == "lora" else trained
+    return nnx.merge(graph, trainable, frozen)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -727,10 +726,18 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def write_expert(model, tokenizer, output: Path, hf_output: Path | None, provenance: dict) -> None:
-    """The project checkpoint (config.json, tokenizer, params/, ngsd_train.json), staged next to
-    `output` and moved in whole, then the Hugging Face export."""
-    from ngsd_jax.loading import export_hf, save_params
+    """The project checkpoint (config.json, tokenizer, params/ with any LoRA merged in,
+    ngsd_train.json, and for a LoRA expert its adapter in adapter/), staged next to `output`
+    and moved in whole, then the Hugging Face export."""
+    from flax import nnx
 
+    from ngsd_jax.loading import export_hf, save_params
+    from ngsd_jax.lora import ADAPTER_SUBDIR, LoRALinear, extract_adapter, merge_lora, save_adapter
+
+    # The adapter, with the identity of the weights it adapts, is read before merging changes them.
+    has_lora = any(isinstance(node, LoRALinear) for _, node in nnx.iter_graph(model))
+    adapter = extract_adapter(model) if has_lora else None
+    model = merge_lora(model)
     output = output.absolute()
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".partial"))
@@ -739,6 +746,8 @@ def write_expert(model, tokenizer, output: Path, hf_output: Path | None, provena
         tokenizer.save_pretrained(str(staging))
         save_params(model, staging)
         (staging / "ngsd_train.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        if adapter is not None:
+            save_adapter(adapter, staging / ADAPTER_SUBDIR)
         if output.exists():
             aside = output.with_name(f".{output.name}.replaced-{int(time.time())}")
             os.replace(output, aside)

@@ -324,3 +324,33 @@ def test_resume_after_sigkill_ends_where_an_uninterrupted_run_ends(tiny_checkpoi
         np.testing.assert_allclose(resumed, uninterrupted, rtol=1e-6, atol=1e-7)
     steps = [json.loads(line)["step"] for line in (killed / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 301))  # the killed run's extra log lines were dropped on resume
+
+
+def test_a_lora_expert_keeps_its_adapter_and_decodes_as_the_merged_one(tiny_checkpoint, data_file, tmp_path,
+                                                                       capsys):
+    from ngsd_jax import decode
+    from ngsd_jax.lora import adapter_mismatch, load_adapter
+
+    assert train.main(train_args(tiny_checkpoint, data_file, tmp_path, "--epochs", "3", "--lr", "3e-2")) == 0
+    adapter_dir = tmp_path / "expert" / "adapter"
+    adapter = load_adapter(adapter_dir)
+    assert adapter.targets == ("q_proj", "v_proj") and adapter.layers == (0, 1)
+    assert adapter_mismatch(adapter, load_model(tiny_checkpoint), "base") is None
+    assert any(np.abs(b).max() > 0 for _, b in adapter.weights.values())  # trained, not the zero initialisation
+
+    def tokens(expert):
+        code = decode.main(["--base", str(tiny_checkpoint), "--expert", str(expert), "--max-new-tokens", "12",
+                            "--json", "--reflect", "off", "--alpha", "0.9", "--mode", "always",
+                            "--prompt", PAIRS[0][0], "--prompt", PAIRS[2][0]])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        return [json.loads(line)["tokens"] for line in captured.out.splitlines()]
+
+    assert tokens(adapter_dir) == tokens(tmp_path / "expert")
+    other = tmp_path / "other_base"
+    build_tiny_hf("llama", other, seed=3, vocab_size=len(tiny_tokenizer()))  # same shapes, other weights
+    tiny_tokenizer().save_pretrained(str(other))
+    capsys.readouterr()
+    code = decode.main(["--base", str(other), "--expert", str(adapter_dir), "--prompt", "hi"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "trained on different weights" in err

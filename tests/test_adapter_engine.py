@@ -1,0 +1,122 @@
+"""A LoRA expert run as an adapter over the base's own weights (one weight stream) against
+the oracle: the same adapter merged into a separate expert model, decoded by the
+two-model path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from ngsd_jax.engine import DecodeSettings, Engine, _paired_cache
+from ngsd_jax.loading import load_model
+from ngsd_jax.lora import (adapter_mismatch, apply_lora, extract_adapter, is_adapter, load_adapter, merge_lora,
+                           save_adapter, weights_fingerprint)
+
+VOCAB = 256
+STOP = 3
+ADAPTED = [2, 3]  # the top two of four layers, as the default recipe adapts the top ten of thirty
+
+
+@pytest.fixture(scope="module")
+def base(make_tiny_hf):
+    return load_model(make_tiny_hf("llama", num_hidden_layers=4))
+
+
+@pytest.fixture(scope="module")
+def lora_model(base):
+    """The base with an all-linear rank-4 LoRA on its top layers, b non-zero so the delta matters."""
+    model = nnx.clone(base)
+    apply_lora(model, rank=4, alpha=8.0, targets="all-linear", layers=ADAPTED, seed=1)
+    rng = np.random.RandomState(0)
+    for i in ADAPTED:
+        layer = model.layers[i]
+        for owner in (layer.attn, layer.mlp):
+            for module in vars(owner).values():
+                if hasattr(module, "lora_b"):
+                    module.lora_b.set_value(0.5 * rng.randn(*module.lora_b.shape).astype(np.float32))
+    return model
+
+
+@pytest.fixture(scope="module")
+def engines(base, lora_model):
+    adapter = extract_adapter(lora_model)
+    merged = merge_lora(nnx.clone(lora_model))
+    return (Engine(base, None, VOCAB, stop_ids=[STOP], adapter=adapter),
+            Engine(base, merged, VOCAB, stop_ids=[STOP]))
+
+
+def _prompts(seed, lengths):
+    rng = np.random.RandomState(seed)
+    return [rng.randint(4, VOCAB, size=n).tolist() for n in lengths]
+
+
+def _assert_same_decode(adapted, merged, rows):
+    for i in range(rows):
+        assert adapted.sequence(i) == merged.sequence(i)
+    np.testing.assert_array_equal(adapted.spike, merged.spike)
+    np.testing.assert_allclose(adapted.divergence, merged.divergence, atol=1e-5)
+    np.testing.assert_allclose(adapted.potential, merged.potential, atol=1e-4)
+    np.testing.assert_allclose(adapted.alpha_in_force, merged.alpha_in_force)
+
+
+@pytest.mark.parametrize("mode", ["ngsd", "always", "safedecoding", "expert"])
+def test_adapter_expert_equals_the_merged_expert_token_for_token(engines, mode):
+    adapter_engine, merged_engine = engines
+    prompts = _prompts(0, [5, 17, 11])  # three lengths, and a fourth, padding row in the batch of 4
+    settings = DecodeSettings(mode=mode, max_new_tokens=24)
+    adapted = adapter_engine.decode(prompts, None, settings, alpha=[0.9, 0.5, 0.9])
+    merged = merged_engine.decode(prompts, None, settings, alpha=[0.9, 0.5, 0.9])
+    _assert_same_decode(adapted, merged, 3)
+    if mode == "ngsd":  # the delta must matter, or the test could not tell the expert from the base
+        assert merged.spike.sum() >= 3
+        base_only = merged_engine.decode(prompts, None, DecodeSettings(mode="base", max_new_tokens=24))
+        assert any(merged.sequence(i) != base_only.sequence(i) for i in range(3))
+
+
+@pytest.mark.parametrize("mode", ["ngsd", "safedecoding"])
+def test_adapter_expert_with_its_own_prompts_equals_the_merged_expert(engines, mode):
+    # Different expert prompts (an expert system prompt) run every layer on both row sets.
+    adapter_engine, merged_engine = engines
+    prompts, expert_prompts = _prompts(1, [6, 13, 9]), _prompts(2, [20, 4, 9])
+    settings = DecodeSettings(mode=mode, max_new_tokens=20)
+    adapted = adapter_engine.decode(prompts, expert_prompts, settings, alpha=0.9)
+    merged = merged_engine.decode(prompts, expert_prompts, settings, alpha=0.9)
+    _assert_same_decode(adapted, merged, 3)
+
+
+def test_adapter_expert_next_token_distribution_equals_the_merged_one(engines):
+    adapter_engine, merged_engine = engines
+    prompts = _prompts(3, [4, 15, 8])
+    adapted = adapter_engine.next_token_distribution(prompts, model="expert")
+    np.testing.assert_allclose(adapted, merged_engine.next_token_distribution(prompts, model="expert"), atol=1e-5)
+    assert np.abs(adapted - merged_engine.next_token_distribution(prompts, model="base")).max() > 0.1
+
+
+def test_identical_prompts_run_the_layers_below_the_adapter_once(base, engines):
+    adapter_engine, _ = engines
+    assert adapter_engine.first_adapted == ADAPTED[0]
+    shared = _paired_cache(base, ADAPTED[0], True, batch=4, max_len=8)
+    assert [keys.shape[0] for keys, _ in shared] == [4, 4, 8, 8]
+    # one weight stream: the paired model holds the base's arrays themselves, not copies
+    base_kernel = adapter_engine.base_params["layers"][2]["attn"]["q_proj"]["kernel"][...]
+    paired_kernel = adapter_engine.paired_params["layers"][2]["attn"]["q_proj"]["base"]["kernel"][...]
+    assert paired_kernel is base_kernel
+
+
+def test_adapter_saves_loads_and_knows_its_base(base, lora_model, tmp_path, make_tiny_hf):
+    adapter = extract_adapter(lora_model)
+    assert adapter.base_fingerprint == weights_fingerprint(base)
+    save_adapter(adapter, tmp_path / "adapter")
+    assert is_adapter(tmp_path / "adapter")
+    loaded = load_adapter(tmp_path / "adapter")
+    assert (loaded.rank, loaded.alpha, loaded.layers, loaded.targets) == (4, 8.0, (2, 3), adapter.targets)
+    for key, (a, b) in adapter.weights.items():
+        np.testing.assert_array_equal(loaded.weights[key][0], a)
+        np.testing.assert_array_equal(loaded.weights[key][1], b)
+    assert adapter_mismatch(loaded, base, "base") is None
+    other_weights = load_model(make_tiny_hf("llama", seed=7, num_hidden_layers=4))
+    message = adapter_mismatch(loaded, other_weights, "other")
+    assert "different weights" in message and "\n" not in message
+    other_shape = load_model(make_tiny_hf("llama", num_hidden_layers=2))
+    assert "configs differ" in adapter_mismatch(loaded, other_shape, "small")
