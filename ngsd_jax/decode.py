@@ -466,7 +466,9 @@ def plan_devices(args, models, dtype, batch: int, widest_prompt: int, new_tokens
     capacity = device_memory(args.device_memory)
     shape = distributed.choose_mesh(args.mesh, plan_for, capacity)
     plan = plan_for(shape)
-    distributed.say(f"ngsd-jax decode: {plan.describe(capacity)}")
+    # On one device of unknown size (a plain CPU run) the plan can neither choose nor refuse anything.
+    if args.mesh or shape.size > 1 or capacity is not None:
+        distributed.say(f"ngsd-jax decode: {plan.describe(capacity)}")
     check_fits(plan, capacity, plan_for)
     return None if shape.size == 1 else make_mesh(shape)
 
