@@ -79,6 +79,22 @@ def load_preset(name: str) -> dict:
     return json.loads(path.read_text())
 
 
+def _floats(count: int):
+    """argparse type: COUNT comma-separated numbers."""
+
+    def parse(text: str) -> tuple[float, ...]:
+        try:
+            values = tuple(float(x) for x in text.split(","))
+        except ValueError:
+            values = ()
+        if len(values) != count:
+            raise argparse.ArgumentTypeError(f"expected {count} comma-separated numbers, e.g. "
+                                             f"{','.join(['0.5'] * count)}; got {text!r}")
+        return values
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ngsd_jax.engine import MODES
     from ngsd_jax.reflection import REFLECT_MODES
@@ -102,8 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     dec = p.add_argument_group("decoding")
     dec.add_argument("--mode", choices=MODES, default=None, help="ngsd (default), base, expert, always, safedecoding")
     dec.add_argument("--reflect", choices=REFLECT_MODES, default=None,
-                     help="how alpha is set: json (the paper's self-reflection, default), logit, off (use --alpha)")
+                     help="how alpha is set: json (the paper's self-reflection, default), logit, expert (the "
+                          "expert's probability of opening with a refusal, read inside the decode program), off "
+                          "(use --alpha)")
     dec.add_argument("--alpha", type=float, default=None, help="expert pull when --reflect off (default 0.5)")
+    dec.add_argument("--alpha-levels", type=_floats(3), default=None, metavar="LOW,MID,HIGH",
+                     help="alpha below, between and above the risk thresholds (the paper's: 0.1,0.5,0.9)")
+    dec.add_argument("--risk-thresholds", type=_floats(2), default=None, metavar="LOW,HIGH",
+                     help="risk r (0-10) below LOW gets the low alpha, above HIGH the high one (the paper's: 5,6)")
     dec.add_argument("--max-new-tokens", type=int, default=None, help="default 128")
     dec.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     dec.add_argument("--top-p", type=float, default=1.0)
@@ -140,6 +162,8 @@ class Options:
     mode: str = "ngsd"
     reflect: str = "json"
     alpha: float = 0.5
+    alpha_levels: tuple[float, float, float] = (0.1, 0.5, 0.9)
+    risk_thresholds: tuple[float, float] = (5.0, 6.0)
     max_new_tokens: int = 128
     system_prompt: str | None = None
     expert_system_prompt: str | None = None
@@ -233,7 +257,7 @@ def run(args) -> int:
     from ngsd_jax.engine import DecodeSettings, Engine
     from ngsd_jax.loading import load_model
     from ngsd_jax.ngsd import GateConfig
-    from ngsd_jax.reflection import reflect
+    from ngsd_jax.reflection import AlphaMapping, ExpertRisk, expert_reflection, reflect, refusal_opening_mask
     from ngsd_jax.tokenizer import compare_vocabularies, encode_chat, load_tokenizer, stop_token_ids
 
     base_path, expert_path = _resolve_models(options)
@@ -260,11 +284,16 @@ def run(args) -> int:
         safedecoding_min_common=options.safedecoding_common, early_stop=options.early_stop,
     )
     reflect_mode = options.reflect if options.mode in ("ngsd", "always") else "off"
+    mapping = AlphaMapping(tuple(options.alpha_levels), tuple(options.risk_thresholds))
+    expert_risk = None
+    if reflect_mode == "expert":
+        expert_risk = ExpertRisk(refusal_opening_mask(expert_tok, len(base_tok)), mapping)
+        reflect_mode = "off"  # alpha is set inside the decode program
     batches = [prompts[i: i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
     progress = tqdm(total=len(prompts), unit="prompt", disable=len(batches) == 1 or not sys.stderr.isatty(),
                     desc=f"decoding ({options.mode})")
     for batch in batches:
-        reflections = reflect(engine, base_tok, batch, reflect_mode, options.alpha, options.chat_template)
+        reflections = reflect(engine, base_tok, batch, reflect_mode, options.alpha, options.chat_template, mapping)
         base_prompts = [encode_chat(base_tok, p, options.system_prompt, options.chat_template, args.prefill)
                         for p in batch]
         expert_prompts = None
@@ -273,7 +302,9 @@ def run(args) -> int:
                                           args.prefill) for p in batch]
         result = engine.decode(base_prompts if uses_base else expert_prompts, expert_prompts, settings,
                                alpha=[r.alpha for r in reflections], temperature=args.temperature,
-                               top_p=args.top_p, seed=args.seed)
+                               top_p=args.top_p, seed=args.seed, expert_risk=expert_risk)
+        if expert_risk is not None:
+            reflections = [expert_reflection(r, a) for r, a in zip(result.risk, result.alpha)]
         for i, prompt in enumerate(batch):
             text = base_tok.decode(result.sequence(i), skip_special_tokens=True)
             _emit(args, options, prompt, text, result, i, reflections[i], base_tok)

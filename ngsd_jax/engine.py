@@ -20,6 +20,7 @@ from flax import nnx
 
 from ngsd_jax import early_stop as es
 from ngsd_jax import ngsd
+from ngsd_jax import reflection
 from ngsd_jax.model import Decoder, init_cache
 
 MODES = ("ngsd", "base", "expert", "always", "safedecoding")
@@ -42,6 +43,7 @@ class DecodeSettings:
     safedecoding_min_common: int = 5
     early_stop: bool = False  # the reference's early-stop heuristic (spec §5); off: not traced at all
     early_stop_rule: es.EarlyStopRule = es.EarlyStopRule()
+    alpha_from_expert: bool = False  # set by Engine.decode when given an expert_risk
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -86,6 +88,8 @@ class DecodeResult:
     potential: np.ndarray
     spike: np.ndarray
     alpha_in_force: np.ndarray
+    alpha: np.ndarray  # [B] the alpha each sequence decoded with
+    risk: np.ndarray | None = None  # [B] r from the expert's prefill, when alpha came from it
 
     def sequence(self, i: int) -> list[int]:
         return self.tokens[i, : self.lengths[i]].tolist()
@@ -175,6 +179,12 @@ def _decode(base_graph, expert_graph, settings: DecodeSettings, vocab_size: int,
 
     base_logits, base_cache = prefill(base, inputs["base_prompt"], inputs["base_len"])
     expert_logits, expert_cache = prefill(expert, inputs["expert_prompt"], inputs["expert_len"])
+    risk = jnp.full((batch,), jnp.nan, jnp.float32)
+    if settings.alpha_from_expert:
+        # Self-reflection from the prefill the decode runs anyway: no extra pass, no host sync.
+        risk = reflection.risk_from_refusal_opening(_probabilities(expert_logits, vocab_size),
+                                                    inputs["refusal_opening"])
+        alpha = reflection.alpha_from_risk_array(risk, inputs["alpha_levels"], inputs["risk_thresholds"])
     f32 = jnp.zeros((batch, n), jnp.float32)
     state = DecodeState(
         step=jnp.int32(0),
@@ -239,7 +249,7 @@ def _decode(base_graph, expert_graph, settings: DecodeSettings, vocab_size: int,
         return (s.step < n) & ~jnp.all(s.done)
 
     final = jax.lax.while_loop(cond, body, state)
-    outputs = final.tokens, final.trace_d, final.trace_v, final.trace_spike, final.trace_alpha
+    outputs = final.tokens, final.trace_d, final.trace_v, final.trace_spike, final.trace_alpha, alpha, risk
     return outputs + (final.cap,) if settings.early_stop else outputs
 
 
@@ -281,17 +291,23 @@ class Engine:
         seed: int = 0,
         stop_ids=None,
         early_stop_tables: es.EarlyStopTables | None = None,
+        expert_risk: reflection.ExpertRisk | None = None,
     ) -> DecodeResult:
         """Decodes a batch. `expert_prompts` (same user messages in the expert's own chat format)
         default to the base prompts; `alpha` is a scalar or one value per prompt; `stop_ids`
         replaces the engine's stop tokens for this call; `early_stop_tables` (else the engine's)
-        serve settings with early_stop=True."""
+        serve settings with early_stop=True. With `expert_risk`, `alpha` is ignored: each
+        sequence's alpha is set inside the program from the expert's probability of opening
+        with a refusal (`--reflect expert`)."""
         expert_prompts = base_prompts if expert_prompts is None else expert_prompts
         if len(expert_prompts) != len(base_prompts):
             raise ValueError("base and expert prompts must be the same batch")
         if settings.uses_base and self.base_graph is None or settings.uses_expert and self.expert_graph is None:
             raise ValueError(f"mode '{settings.mode}' needs a model this engine was not given")
-        settings = dataclasses.replace(settings, sampling=bool((np.asarray(temperature) > 0).any()))
+        settings = dataclasses.replace(settings, sampling=bool((np.asarray(temperature) > 0).any()),
+                                       alpha_from_expert=expert_risk is not None)
+        if expert_risk is not None and not settings.uses_expert:
+            raise ValueError(f"expert_risk needs the expert, which mode '{settings.mode}' does not run")
         tables = self.early_stop_tables if early_stop_tables is None else early_stop_tables
         if settings.early_stop:
             if tables is None:
@@ -327,16 +343,22 @@ class Engine:
         }
         if settings.early_stop:
             inputs["early_stop"] = tables
+        if expert_risk is not None:
+            inputs["refusal_opening"] = np.asarray(expert_risk.opening_mask, np.float32)[: self.vocab_size]
+            inputs["alpha_levels"] = np.asarray(expert_risk.mapping.levels, np.float32)
+            inputs["risk_thresholds"] = np.asarray(expert_risk.mapping.thresholds, np.float32)
         params = {"base": self.base_params if settings.uses_base else None,
                   "expert": self.expert_params if settings.uses_expert else None}
         outputs = self._jitted(self.base_graph if settings.uses_base else None,
                                self.expert_graph if settings.uses_expert else None,
                                settings, self.vocab_size, params, inputs)
-        tokens, d, v, spike, alpha_in_force, *cap = (np.asarray(x)[:real] for x in jax.device_get(outputs))
+        tokens, d, v, spike, alpha_in_force, row_alpha, risk, *cap = (
+            np.asarray(x)[:real] for x in jax.device_get(outputs))
         lengths = _generated_lengths(tokens, stops)
         if cap:  # an early-stopped row's cap is its length
             lengths = np.minimum(lengths, cap[0]).astype(np.int32)
-        return DecodeResult(tokens, lengths, d, v, spike, alpha_in_force)
+        return DecodeResult(tokens, lengths, d, v, spike, alpha_in_force, row_alpha,
+                            risk if expert_risk is not None else None)
 
     def next_token_distribution(self, prompts: list[list[int]], model: str = "base") -> np.ndarray:
         """p(next token) after each prompt, from one prefill: [len(prompts), vocab_size] fp32."""

@@ -70,6 +70,7 @@ class Recipe:
     recovery_prompts: int | None = 64  # harmful train prompts whose base answer seeds recovery examples (None = all)
     recovery_prefix_tokens: list[int] = dataclasses.field(default_factory=lambda: [5, 10, 20, 40])
     recovery_prefixes_per_prompt: int | None = None  # prefix lengths per recovery prompt, in turn (None = all)
+    recovery_separator: str = ""  # text between the base's prefix and the refusal ("" = the paper's: none)
     harmful_weight: float = 1.0
     benign_weight: float = 1.0
     recovery_weight: float = 1.0
@@ -293,7 +294,8 @@ def build_default_dataset(recipe: Recipe, tokenizer, answers_from: BaseAnswers, 
         harmful, benign, answers, recovery_ids=recovery, recovery_prefix_tokens=recipe.recovery_prefix_tokens,
         prefixes_per_prompt=recipe.recovery_prefixes_per_prompt, eot_id=eot, tokenizer=tokenizer,
         harmful_weight=recipe.harmful_weight, benign_weight=recipe.benign_weight,
-        recovery_weight=recipe.recovery_weight, match_teacher=recipe.distill_loss == "kl")
+        recovery_weight=recipe.recovery_weight, match_teacher=recipe.distill_loss == "kl",
+        recovery_separator=recipe.recovery_separator)
     counts: dict[str, int] = {}
     for r in records:
         counts[r["kind"]] = counts.get(r["kind"], 0) + 1

@@ -143,6 +143,23 @@ def test_recovery_prompts_share_the_prefix_lengths_in_turn(tokenizer):
     assert [len(r["prefix_ids"]) for r in records if r["kind"].startswith("recovery")] == [1, 2, 4]
 
 
+def test_recovery_refusal_starts_with_the_recipe_separator(tokenizer):
+    harmful = [{"id": "h0", "prompt": "bad request", "response": "I can't help with that."}]
+    answers = {"h0": {"response_ids": list(range(10, 20)), "response": "Sure, here is how", "finished": False}}
+    recipe = train.build_recipe(train.build_parser().parse_args(["--set", "recovery_separator=\n\n"]))
+    assert recipe.recovery_separator == "\n\n" and train.Recipe().recovery_separator == ""
+    records = train_data.build_default_records(
+        harmful, [], answers, recovery_ids=["h0"], recovery_prefix_tokens=[1], prefixes_per_prompt=None,
+        eot_id=0, tokenizer=tokenizer, harmful_weight=1.0, benign_weight=1.0, recovery_weight=1.0,
+        match_teacher=True, recovery_separator=recipe.recovery_separator)
+    refusal, recovery = records
+    assert refusal["response"] == "I can't help with that."  # the plain refusal keeps no separator
+    assert recovery["prefix_ids"] == [10] and recovery["response"] == "\n\nI can't help with that."
+    example = train_data.encode_record(train_data.parse_record(recovery), tokenizer, 0, "x")
+    targets = example.tokens[example.loss_mask == 1].tolist()
+    assert targets[:2] == tokenizer.encode("\n\n", add_special_tokens=False)[:2]
+
+
 def test_messages_and_prompt_response_records_agree(tokenizer):
     prompt, response = PAIRS[1]
     eot = train_data.end_of_turn_id(tokenizer)
