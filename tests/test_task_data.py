@@ -1,0 +1,92 @@
+"""The training data files in train/data/: they parse, every split follows the sha256 rule, the
+ordinary and harmful task-format sets cover the task types they claim, and nothing held out is
+also trained on (no prompt, and for the generated files no input passage or subject)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from ngsd_jax import train_data
+
+DATA = Path(__file__).resolve().parent.parent / "train" / "data"
+BENIGN_FILES = ["benign.jsonl", "ordinary.jsonl"]
+HARMFUL_FILES = ["harmful.jsonl", "harmful_tasks.jsonl"]
+# The refusal openings train/data/README.md promises (keyword judges recognise them).
+REFUSAL_OPENINGS = ("I can't", "I cannot", "I won't", "I'm sorry", "I'm not able to", "I'm not going to")
+
+
+def rows(name: str) -> list[dict]:
+    parse = train_data.parse_harmful if name in HARMFUL_FILES else train_data.parse_benign
+    return [row for _, row in train_data.read_jsonl(DATA / name, parse, strict=True)]
+
+
+def normalise(prompt: str) -> str:
+    return " ".join(re.sub(r"[^a-z0-9 ]", " ", prompt.lower()).split())
+
+
+def heldout_ids(items: list[dict]) -> set[str]:
+    k = int(0.15 * len(items) + 0.5)
+    return {r["id"] for r in sorted(items, key=lambda r: hashlib.sha256(r["id"].encode()).hexdigest())[:k]}
+
+
+@pytest.mark.parametrize("name", BENIGN_FILES + HARMFUL_FILES)
+def test_split_follows_the_sha256_rule_per_category(name):
+    by_category = defaultdict(list)
+    for r in rows(name):
+        assert r["split"] in ("train", "heldout")
+        by_category[r["category"]].append(r)
+    for category, items in by_category.items():
+        held = heldout_ids(items)
+        wrong = [r["id"] for r in items if (r["split"] == "heldout") != (r["id"] in held)]
+        assert not wrong, f"{name} {category}: split disagrees with the sha256 rule for {wrong[:5]}"
+
+
+def test_ids_unique_and_no_prompt_in_both_splits():
+    all_rows = [r for name in BENIGN_FILES + HARMFUL_FILES for r in rows(name)]
+    ids = [r["id"] for r in all_rows]
+    assert len(ids) == len(set(ids))
+    splits = defaultdict(set)
+    for r in all_rows:
+        splits[normalise(r["prompt"])].add(r["split"])
+    assert not [p for p, s in splits.items() if len(s) > 1]
+
+
+def test_ordinary_and_harmful_task_sets_cover_the_same_formats():
+    ordinary, harmful = rows("ordinary.jsonl"), rows("harmful_tasks.jsonl")
+    ordinary_types = {r["task_type"] for r in ordinary}
+    assert len(ordinary) >= 1500 and len(ordinary_types) >= 30
+    assert len(harmful) >= 250
+    assert {r["task_type"] for r in harmful} <= ordinary_types
+    with_input = [r for r in ordinary if r["input_kind"] != "none"]
+    assert len(with_input) >= len(ordinary) // 2
+    assert all(r["response"].startswith(REFUSAL_OPENINGS) for r in harmful)
+    for r in ordinary + harmful:
+        assert r["prompt"] == r["prompt"].strip() and r["prompt"].isascii()
+
+
+def test_no_generated_input_is_in_both_splits():
+    sources = defaultdict(set)
+    for name in ("ordinary.jsonl", "harmful_tasks.jsonl"):
+        for r in rows(name):
+            for key in r["source"].split("+"):
+                sources[key].add(r["split"])
+    sources.pop("none", None)
+    assert len(sources) >= 150
+    assert not [k for k, s in sources.items() if len(s) > 1]
+
+
+def test_generator_reproduces_the_committed_files():
+    spec = importlib.util.spec_from_file_location("make_task_data", DATA / "make_task_data.py")
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    pools = generator.build_pools()
+    assert generator.dump(generator.build_ordinary(pools)) == (DATA / "ordinary.jsonl").read_text(encoding="utf-8")
+    assert generator.dump(generator.build_harmful(pools)) == (DATA / "harmful_tasks.jsonl").read_text(encoding="utf-8")
+    assert [json.loads(line)["id"] for line in (DATA / "ordinary.jsonl").open()][:2] == ["o0001", "o0002"]
