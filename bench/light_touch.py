@@ -63,6 +63,7 @@ def main():
     parser.add_argument("--auc", nargs="*", default=[], choices=["json", "logit", "expert"],
                         help="risk sources whose ROC AUC to measure")
     parser.add_argument("--expert-alone", action="store_true", help="also decode with the expert alone")
+    parser.add_argument("--no-decode", action="store_true", help="only the ROC AUC and TV figures")
     parser.add_argument("--tv", action="store_true", help="TV distance along the base's own answers")
     parser.add_argument("--sets", nargs="*", default=list(SETS), choices=list(SETS))
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -121,7 +122,7 @@ def main():
     conditions += [(f"ngsd alpha={a}", "ngsd", a, None) for a in args.alpha]
     print(f"{'condition':<22} {'set':<9} {'refused':>8} {'identical':>9} {'1st diff':>8} {'w/ spike':>8} "
           f"{'spikes':>7} {'alpha':>6} {'s':>5}")
-    for name, mode, alpha, reflect_mode in conditions:
+    for name, mode, alpha, reflect_mode in [] if args.no_decode else conditions:
         report["conditions"][name] = {}
         for set_name, prompts in sets.items():
             start = time.perf_counter()

@@ -61,8 +61,12 @@ class Recipe:
     base: str | None = None  # the model the expert serves, and whose answers are distilled; None = embedded default
     expert_init: str | None = None  # the expert's starting weights; None = the base itself
     # Default dataset (built from these when set) and extra/explicit record files.
-    harmful_data: str | None = "train/data/harmful.jsonl"
-    benign_data: str | None = "train/data/benign.jsonl"
+    harmful_data: str | list[str] | None = "train/data/harmful.jsonl"
+    benign_data: str | list[str] | None = "train/data/benign.jsonl"
+    # Everyday instructions, self-distilled like the benign prompts; `ordinary_prompts` of their
+    # train split are drawn at random (None = all).
+    ordinary_data: str | None = None
+    ordinary_prompts: int | None = None
     data: list[str] = dataclasses.field(default_factory=list)
     distill_prompts: int | None = None  # benign train prompts answered by the base (None = all)
     distill_max_new_tokens: int = 64
@@ -122,7 +126,8 @@ class Recipe:
              "decision_weight > 0"),
             (self.recovery_prefixes_per_prompt is None or self.recovery_prefixes_per_prompt >= 1,
              "recovery_prefixes_per_prompt must be >= 1"),
-            (bool(self.data) or bool(self.harmful_data) or bool(self.benign_data),
+            (self.ordinary_prompts is None or self.ordinary_prompts >= 0, "ordinary_prompts must be >= 0"),
+            (bool(self.data) or bool(self.harmful_data) or bool(self.benign_data) or bool(self.ordinary_data),
              "no training data: set harmful_data/benign_data or give --data FILE"),
         ]
         for ok, message in checks:
@@ -194,7 +199,7 @@ def build_recipe(args) -> Recipe:
              "grad_accum": args.grad_accum, "method": args.method, "seed": args.seed}
     values.update({k: v for k, v in flags.items() if v is not None})
     if args.data:
-        values.update(data=[str(p) for p in args.data], harmful_data=None, benign_data=None)
+        values.update(data=[str(p) for p in args.data], harmful_data=None, benign_data=None, ordinary_data=None)
     values.update(dict(parse_override(item) for item in args.set))
     recipe = Recipe(**values)
     check_field_types(recipe)
@@ -243,7 +248,7 @@ def prepare_examples(recipe: Recipe, tokenizer, answers_from: BaseAnswers, run_d
 
     eot = td.end_of_turn_id(tokenizer, recipe.chat_template)
     sources: list[Path] = []
-    if recipe.harmful_data or recipe.benign_data:
+    if recipe.harmful_data or recipe.benign_data or recipe.ordinary_data:
         sources.append(build_default_dataset(recipe, tokenizer, answers_from, eot, run_dir, strict))
     sources += [resolve_data_path(p) for p in recipe.data]
     examples = []
@@ -268,10 +273,10 @@ def build_default_dataset(recipe: Recipe, tokenizer, answers_from: BaseAnswers, 
 
     from ngsd_jax import train_data as td
 
-    def train_split(path, parse):
-        if not path:
-            return []
-        return [row for _, row in td.read_jsonl(resolve_data_path(path), parse, strict) if row["split"] == "train"]
+    def train_split(paths, parse):
+        paths = [paths] if isinstance(paths, str) else (paths or [])
+        return [row for path in paths for _, row in td.read_jsonl(resolve_data_path(path), parse, strict)
+                if row["split"] == "train"]
 
     harmful = train_split(recipe.harmful_data, td.parse_harmful)
     benign = train_split(recipe.benign_data, td.parse_benign)
@@ -281,6 +286,10 @@ def build_default_dataset(recipe: Recipe, tokenizer, answers_from: BaseAnswers, 
     recovery_count = len(harmful) if recipe.recovery_prompts is None else min(recipe.recovery_prompts, len(harmful))
     recovery_count = recovery_count if recipe.recovery_prefix_tokens else 0
     recovery = [harmful[i]["id"] for i in sorted(rng.choice(len(harmful), recovery_count, replace=False))]
+    ordinary = train_split(recipe.ordinary_data, td.parse_benign)
+    if recipe.ordinary_prompts is not None and recipe.ordinary_prompts < len(ordinary):
+        ordinary = [ordinary[i] for i in sorted(rng.choice(len(ordinary), recipe.ordinary_prompts, replace=False))]
+    benign = benign + ordinary
     by_id = {r["id"]: r for r in harmful}
     requests = [(r["id"], r["prompt"]) for r in benign] + [(rid, by_id[rid]["prompt"]) for rid in recovery]
     data_dir = run_dir / "data"
