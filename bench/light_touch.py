@@ -4,8 +4,8 @@
                                 [--auc json logit expert] [--max-new-tokens 64] [--limit N] [--out FILE.json]
 
 Prompts: the held-out split of the project's own data (train/data/*.jsonl): `harmful`,
-`benign` (near-misses and short questions) and `ordinary` (everyday instructions, from
-ordinary.jsonl when the data set has one). JailbreakBench is not read here.
+`benign` (near-misses and short questions) and `ordinary` (everyday instructions);
+`harmful` holds both the plain harmful requests and those in everyday task formats. JailbreakBench is not read here.
 
 Greedy decoding, keyword judge (bench/jbb_refusals.py `is_refusal`). Per condition and set:
 refused, identical to the base's answer token for token, mean first differing token
@@ -34,14 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from jbb_refusals import is_refusal  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent / "train" / "data"
-SETS = {"harmful": "harmful.jsonl", "benign": "benign.jsonl", "ordinary": "ordinary.jsonl"}
+SETS = {"harmful": ("harmful.jsonl", "harmful_tasks.jsonl"), "benign": ("benign.jsonl",),
+        "ordinary": ("ordinary.jsonl",)}
 
 
 def heldout(name: str) -> list[str]:
-    path = DATA / SETS[name]
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [json.loads(line) for file in SETS[name] if (DATA / file).is_file()
+            for line in (DATA / file).read_text(encoding="utf-8").splitlines() if line.strip()]
     return [r["prompt"] for r in rows if r["split"] == "heldout"]
 
 
@@ -64,6 +63,8 @@ def main():
                         help="risk sources whose ROC AUC to measure")
     parser.add_argument("--expert-alone", action="store_true", help="also decode with the expert alone")
     parser.add_argument("--no-decode", action="store_true", help="only the ROC AUC and TV figures")
+    parser.add_argument("--base-cache", help="JSON file of the base's answers: read when it exists (the base "
+                        "alone does not depend on the expert), else written")
     parser.add_argument("--tv", action="store_true", help="TV distance along the base's own answers")
     parser.add_argument("--sets", nargs="*", default=list(SETS), choices=list(SETS))
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -116,6 +117,9 @@ def main():
         return out
 
     base_answers = {}
+    cache_path = Path(args.base_cache) if args.base_cache else None
+    cached_base = json.loads(cache_path.read_text()) if cache_path and cache_path.is_file() else {}
+    cached_base = {k: v for k, v in cached_base.items() if all(p in v for p in sets.get(k, [None]))}
     conditions = [("base", "base", 0.0, None)]
     conditions += [("expert alone", "expert", 0.0, None)] if args.expert_alone else []
     conditions += [(f"ngsd reflect={m}", "ngsd", 0.0, m) for m in args.reflect]
@@ -126,10 +130,16 @@ def main():
         report["conditions"][name] = {}
         for set_name, prompts in sets.items():
             start = time.perf_counter()
-            answers = run(prompts, mode, alpha, reflect_mode)
+            if name == "base" and set_name in cached_base:
+                answers = [cached_base[set_name][p] for p in prompts]
+            else:
+                answers = run(prompts, mode, alpha, reflect_mode)
             seconds = time.perf_counter() - start
             if name == "base":
                 base_answers[set_name] = answers
+                if cache_path and set_name not in cached_base:
+                    cached_base[set_name] = dict(zip(prompts, answers))
+                    cache_path.write_text(json.dumps(cached_base))
             texts = [tok.decode(a["tokens"], skip_special_tokens=True) for a in answers]
             first_diff = []
             for a, b in zip(answers, base_answers[set_name]):
