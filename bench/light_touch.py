@@ -50,6 +50,15 @@ def roc_auc(positive, negative) -> float:
     return float(((pos > neg) + 0.5 * (pos == neg)).mean())
 
 
+def tv_stats(d) -> dict:
+    """The per-token divergence D (TV by default) between base and expert, as a distribution."""
+    if d.size == 0:
+        return {}
+    return {"tokens": int(d.size), "mean": float(d.mean()), "median": float(np.median(d)),
+            "p90": float(np.quantile(d, 0.9)), "p99": float(np.quantile(d, 0.99)),
+            "above_0.125": float((d > 0.125).mean()), "above_0.5": float((d > 0.5).mean())}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", help="base checkpoint (default: the embedded SmolLM2-135M)")
@@ -69,7 +78,7 @@ def main():
     parser.add_argument("--sets", nargs="*", default=list(SETS), choices=list(SETS))
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--limit", type=int, default=0, help="only the first N prompts of each set")
+    parser.add_argument("--limit", type=int, default=0, help="only N evenly spaced prompts of each set")
     parser.add_argument("--out", help="write every figure (and every answer) to this JSON file")
     args = parser.parse_args()
 
@@ -80,7 +89,9 @@ def main():
     from ngsd_jax.tokenizer import encode_chat, load_tokenizer, stop_token_ids
 
     sets = {name: heldout(name) for name in args.sets}
-    sets = {name: (prompts[: args.limit] if args.limit else prompts) for name, prompts in sets.items() if prompts}
+    # --limit takes evenly spaced prompts, so every category and file of a set stays represented.
+    sets = {name: ([prompts[int(i)] for i in np.linspace(0, len(prompts) - 1, args.limit)]
+                   if 0 < args.limit < len(prompts) else prompts) for name, prompts in sets.items() if prompts}
     base_path = args.base or str(default_base_path())
     expert_path = args.expert or default_expert_path()
     tok = load_tokenizer(base_path)
@@ -155,6 +166,7 @@ def main():
                 "spikes": float(np.mean([a["spikes"] for a in answers])),
                 "mean_alpha": float(np.mean([a["alpha"] for a in answers])),
                 "seconds": round(seconds, 1),
+                "tv_along_answers": tv_stats(np.concatenate([np.asarray(a["d"], float) for a in answers])),
                 "answers": [{"prompt": p, "response": t, "spikes": a["spikes"], "alpha": a["alpha"],
                              "risk": a["risk"]} for p, t, a in zip(prompts, texts, answers)],
             }
@@ -166,10 +178,7 @@ def main():
     if args.tv:
         print("TV distance between base and expert along the base's own answers (mode always, alpha 0):")
         for set_name, prompts in sets.items():
-            d = np.concatenate([np.asarray(a["d"]) for a in run(prompts, "always", 0.0)])
-            stats = {"tokens": int(d.size), "mean": float(d.mean()), "median": float(np.median(d)),
-                     "p90": float(np.quantile(d, 0.9)), "p99": float(np.quantile(d, 0.99)),
-                     "above_0.125": float((d > 0.125).mean()), "above_0.5": float((d > 0.5).mean())}
+            stats = tv_stats(np.concatenate([np.asarray(a["d"], float) for a in run(prompts, "always", 0.0)]))
             report["tv"][set_name] = stats
             print(f"  {set_name:<9} " + " ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                   for k, v in stats.items()), flush=True)
