@@ -21,6 +21,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "decode"
+DEFAULT_PRESET = "smollm2-135m"
 PROMPT_FIELDS = ("prompt", "goal", "Goal", "instruction", "text", "question")
 
 
@@ -183,7 +184,10 @@ class Options:
 
 def resolve_options(args) -> Options:
     options = Options()
-    layers = [load_preset(args.preset)] if args.preset else []
+    preset = args.preset
+    if preset is None and args.base is None and args.expert is None:
+        preset = DEFAULT_PRESET  # the embedded default pair decodes with its own preset
+    layers = [load_preset(preset)] if preset else []
     layers.append({k: v for k, v in vars(args).items() if v is not None})
     fields = {f.name for f in dataclasses.fields(Options)}
     for layer in layers:

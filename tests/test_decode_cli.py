@@ -196,3 +196,13 @@ def test_bad_alpha_mapping_flags_fail_early_naming_the_fix(pair, capsys, flag, v
         code = exit.code
     err = capsys.readouterr().err
     assert code == 2 and message in err.strip().splitlines()[-1]
+
+
+def test_the_default_pair_decodes_with_its_preset_and_named_models_with_the_paper_settings(pair):
+    parser = decode.build_parser()
+    default = decode.resolve_options(parser.parse_args(["--prompt", "hi"]))
+    assert default.reflect == decode.load_preset(decode.DEFAULT_PRESET)["reflect"] == "expert"
+    base, expert = pair
+    named = decode.resolve_options(parser.parse_args(["--prompt", "hi", "--base", base, "--expert", expert]))
+    assert named.reflect == "json" and named.alpha_levels == (0.1, 0.5, 0.9)
+    assert decode.resolve_options(parser.parse_args(["--prompt", "hi", "--reflect", "json"])).reflect == "json"
