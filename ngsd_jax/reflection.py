@@ -315,7 +315,8 @@ class ExpertRisk:
 
 def expert_reflection(risk: float, alpha: float) -> Reflection:
     """The record of an expert-mode rating made inside the decode program."""
-    return Reflection("expert", float(alpha), float(risk), f"P(refusal opening)={risk / 10:.4f}")
+    # The program computes in float32; rounding shows 0.9 rather than 0.8999999761581421.
+    return Reflection("expert", round(float(alpha), 6), float(risk), f"P(refusal opening)={risk / 10:.4f}")
 
 
 def _closing_brace_ids(tokenizer) -> list[int]:
