@@ -20,6 +20,7 @@ from pathlib import Path
 from ngsd_jax import distributed
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "decode"
+DEFAULT_PRESET = "smollm2-135m"
 PROMPT_FIELDS = ("prompt", "goal", "instruction", "question", "query", "request", "behavior", "input",
                  "text")
 
@@ -100,6 +101,22 @@ def load_preset(name: str) -> dict:
     return json.loads(path.read_text())
 
 
+def _floats(count: int):
+    """argparse type: COUNT comma-separated numbers."""
+
+    def parse(text: str) -> tuple[float, ...]:
+        try:
+            values = tuple(float(x) for x in text.split(","))
+        except ValueError:
+            values = ()
+        if len(values) != count:
+            raise argparse.ArgumentTypeError(f"expected {count} comma-separated numbers, e.g. "
+                                             f"{','.join(['0.5'] * count)}; got {text!r}")
+        return values
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ngsd_jax.decode", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -139,7 +156,9 @@ def add_decode_options(p: argparse.ArgumentParser, single_mode: bool = True) -> 
     if single_mode:
         dec.add_argument("--mode", choices=MODES, default=None, help="ngsd (default), base, expert, always, safedecoding")
     dec.add_argument("--reflect", choices=REFLECT_MODES, default=None,
-                     help="how alpha is set: json (the paper's self-reflection, default), logit, off (use --alpha)")
+                     help="how alpha is set: json (the paper's self-reflection, default), logit, expert (the "
+                          "expert's probability of opening with a refusal, read inside the decode program), off "
+                          "(use --alpha)")
     dec.add_argument("--alpha", type=float, default=None, help="expert pull when --reflect off (default 0.5)")
     dec.add_argument("--reflect-parse", choices=REFLECT_PARSERS, default=None,
                      help="how the json rating is read: lenient (ours, default: the first object holding a key, "
@@ -154,6 +173,10 @@ def add_decode_options(p: argparse.ArgumentParser, single_mode: bool = True) -> 
     dec.add_argument("--reflect-all-zero-risk", type=int, default=None, metavar="R",
                      help="risk when all four scores are 0 (default: none, S is raised to 1 as the reference does "
                           "for every base but Vicuna; the reference's for Vicuna: 10)")
+    dec.add_argument("--alpha-levels", type=_floats(3), default=None, metavar="LOW,MID,HIGH",
+                     help="alpha below, between and above the risk thresholds (the paper's: 0.1,0.5,0.9)")
+    dec.add_argument("--risk-thresholds", type=_floats(2), default=None, metavar="LOW,HIGH",
+                     help="risk r (0-10) below LOW gets the low alpha, above HIGH the high one (the paper's: 5,6)")
     dec.add_argument("--max-new-tokens", type=int, default=None, help="default 128")
     dec.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     dec.add_argument("--top-p", type=float, default=1.0)
@@ -194,6 +217,8 @@ class Options:
     mode: str = "ngsd"
     reflect: str = "json"
     alpha: float = 0.5
+    alpha_levels: tuple[float, float, float] = (0.1, 0.5, 0.9)
+    risk_thresholds: tuple[float, float] = (5.0, 6.0)
     max_new_tokens: int = 128
     system_prompt: str | None = None
     expert_system_prompt: str | None = None
@@ -219,7 +244,10 @@ class Options:
 
 def resolve_options(args) -> Options:
     options = Options()
-    layers = [load_preset(args.preset)] if args.preset else []
+    preset = args.preset
+    if preset is None and args.base is None and args.expert is None:
+        preset = DEFAULT_PRESET  # the embedded default pair decodes with its own preset
+    layers = [load_preset(preset)] if preset else []
     layers.append({k: v for k, v in vars(args).items() if v is not None})
     fields = {f.name for f in dataclasses.fields(Options)}
     for layer in layers:
@@ -259,6 +287,7 @@ def check_options(options: Options, args) -> None:
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    alpha_mapping(options)  # its own one-line ValueError names the flag's rule
 
 
 def _resolve_models(options: Options, modes) -> tuple[str, str | None]:
@@ -392,6 +421,12 @@ def decode_settings(options: Options, mode: str, sampling_top_k: int = 0):
     )
 
 
+def alpha_mapping(options: Options):
+    from ngsd_jax.reflection import AlphaMapping
+
+    return AlphaMapping(tuple(options.alpha_levels), tuple(options.risk_thresholds))
+
+
 def reflect_prompts(pair: LoadedPair, options: Options, mode: str, prompts: list[str]):
     """Self-reflection for the modes that take alpha (ngsd, always); every other mode gets reflection 'off'."""
     from ngsd_jax.reflection import reflect
@@ -399,7 +434,18 @@ def reflect_prompts(pair: LoadedPair, options: Options, mode: str, prompts: list
     reflect_mode = options.reflect if mode in ("ngsd", "always") else "off"
     return reflect(pair.engine, pair.base_tokenizer, prompts, reflect_mode, options.alpha, options.chat_template,
                    thinking=options.thinking, parser=options.reflect_parse, prefix=options.reflect_prefix,
-                   max_new_tokens=options.reflect_max_new_tokens, all_zero_risk=options.reflect_all_zero_risk)
+                   max_new_tokens=options.reflect_max_new_tokens, all_zero_risk=options.reflect_all_zero_risk,
+                   mapping=alpha_mapping(options))
+
+
+def in_program_expert_risk(pair: LoadedPair, options: Options, mode: str):
+    """For `--reflect expert` in a mode that takes alpha: what the decode program needs to set each
+    row's alpha from the expert's own prefill (no extra pass); else None."""
+    from ngsd_jax.reflection import ExpertRisk, refusal_opening_mask
+
+    if options.reflect != "expert" or mode not in ("ngsd", "always"):
+        return None
+    return ExpertRisk(refusal_opening_mask(pair.expert_tokenizer, pair.engine.vocab_size), alpha_mapping(options))
 
 
 def encode_prompts(pair: LoadedPair, options: Options, prompts: list[str], prefill=""):
@@ -416,11 +462,11 @@ def encode_prompts(pair: LoadedPair, options: Options, prompts: list[str], prefi
     return base_prompts, expert_prompts
 
 
-def decode_prompts(pair: LoadedPair, settings, args, base_prompts, expert_prompts, alpha):
+def decode_prompts(pair: LoadedPair, settings, args, base_prompts, expert_prompts, alpha, expert_risk=None):
     """One engine call with the command line's sampling options; the expert mode decodes the expert's prompts."""
     first = base_prompts if settings.uses_base else expert_prompts
     return pair.engine.decode(first, expert_prompts, settings, alpha=alpha, temperature=args.temperature,
-                              top_p=args.top_p, seed=args.seed)
+                              top_p=args.top_p, seed=args.seed, expert_risk=expert_risk)
 
 
 def run(args) -> int:
@@ -433,17 +479,24 @@ def run(args) -> int:
 
     from tqdm import tqdm
 
+    from ngsd_jax.reflection import expert_reflection
+
     pair = load_pair(options, (options.mode,), args, prompts, args.prefill)
     settings = decode_settings(options, options.mode, args.top_k)
+    expert_risk = in_program_expert_risk(pair, options, options.mode)
     batches = [prompts[i: i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
     primary = distributed.is_primary()
     progress = tqdm(total=len(prompts), unit="prompt",
                     disable=len(batches) == 1 or not sys.stderr.isatty() or not primary,
                     desc=f"decoding ({options.mode})")
     for batch in batches:
-        reflections = reflect_prompts(pair, options, options.mode, batch)
         base_prompts, expert_prompts = encode_prompts(pair, options, batch, args.prefill)
-        result = decode_prompts(pair, settings, args, base_prompts, expert_prompts, [r.alpha for r in reflections])
+        if expert_risk is None:
+            reflections = reflect_prompts(pair, options, options.mode, batch)
+            result = decode_prompts(pair, settings, args, base_prompts, expert_prompts, [r.alpha for r in reflections])
+        else:
+            result = decode_prompts(pair, settings, args, base_prompts, expert_prompts, 0.0, expert_risk)
+            reflections = [expert_reflection(r, a) for r, a in zip(result.risk, result.alpha)]
         for i, prompt in enumerate(batch if primary else ()):
             text = pair.base_tokenizer.decode(result.sequence(i), skip_special_tokens=True)
             _emit(args, options, prompt, text, result, i, reflections[i], pair.base_tokenizer)

@@ -28,6 +28,7 @@ from flax import nnx
 
 from ngsd_jax import early_stop as es
 from ngsd_jax import ngsd
+from ngsd_jax import reflection
 from ngsd_jax import sharding as sh
 from ngsd_jax.config import rope_inverse_frequencies
 from ngsd_jax.lora import LoRAAdapter, attach_expert_rows
@@ -54,6 +55,7 @@ class DecodeSettings:
     early_stop: bool = False  # the reference's early-stop heuristic (spec §5); off: not traced at all
     early_stop_rule: es.EarlyStopRule = es.EarlyStopRule()
     shared_prompts: bool = False  # set by Engine.decode: an adapter expert whose prompts are the base's
+    alpha_from_expert: bool = False  # set by Engine.decode when given an expert_risk
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -98,6 +100,8 @@ class DecodeResult:
     potential: np.ndarray
     spike: np.ndarray
     alpha_in_force: np.ndarray
+    alpha: np.ndarray  # [B] the alpha each sequence decoded with
+    risk: np.ndarray | None = None  # [B] r from the expert's prefill, when alpha came from it
 
     def sequence(self, i: int) -> list[int]:
         return self.tokens[i, : self.lengths[i]].tolist()
@@ -233,6 +237,12 @@ def _decode(base_graph, expert_graph, paired_graph, first_adapted, settings: Dec
     else:
         base_logits, base_cache = prefill(base, inputs["base_prompt"], inputs["base_len"])
         expert_logits, expert_cache = prefill(expert, inputs["expert_prompt"], inputs["expert_len"])
+    risk = jnp.full((batch,), jnp.nan, jnp.float32)
+    if settings.alpha_from_expert:
+        # Self-reflection from the prefill the decode runs anyway: no extra pass, no host sync.
+        risk = reflection.risk_from_refusal_opening(_probabilities(expert_logits, vocab_size),
+                                                    inputs["refusal_opening"])
+        alpha = reflection.alpha_from_risk_array(risk, inputs["alpha_levels"], inputs["risk_thresholds"])
     f32 = jnp.zeros((batch, n), jnp.float32)
     state = DecodeState(
         step=jnp.int32(0),
@@ -310,7 +320,7 @@ def _decode(base_graph, expert_graph, paired_graph, first_adapted, settings: Dec
     # Choose, then (forward, choose) while a token is still wanted: no forward pass is spent
     # on logits that nothing would read after the last token.
     final = jax.lax.while_loop(cond, lambda s: choose(forward(s)), choose(state))
-    outputs = final.tokens, final.trace_d, final.trace_v, final.trace_spike, final.trace_alpha
+    outputs = final.tokens, final.trace_d, final.trace_v, final.trace_spike, final.trace_alpha, alpha, risk
     return outputs + (final.cap,) if settings.early_stop else outputs
 
 
@@ -378,30 +388,34 @@ class Engine:
         seed: int = 0,
         stop_ids=None,
         early_stop_tables: es.EarlyStopTables | None = None,
+        expert_risk: reflection.ExpertRisk | None = None,
     ) -> DecodeResult:
         """Decodes a batch. `expert_prompts` (same user messages in the expert's own chat format)
         default to the base prompts; `alpha` is a scalar or one value per prompt; `stop_ids`
         replaces the engine's stop tokens for this call; `early_stop_tables` (else the engine's)
-        serve settings with early_stop=True."""
+        serve settings with early_stop=True. With `expert_risk`, `alpha` is ignored: each
+        sequence's alpha is set inside the program from the expert's probability of opening
+        with a refusal (`--reflect expert`)."""
         arguments, real, stops = self._program_arguments(base_prompts, expert_prompts, settings, alpha, temperature,
-                                                         top_p, seed, stop_ids, early_stop_tables)
+                                                         top_p, seed, stop_ids, early_stop_tables, expert_risk)
         outputs = self._jitted(*arguments)
         self.output_sharding = outputs[0].sharding
-        tokens, d, v, spike, alpha_in_force, *cap = (sh.fetch(x)[:real] for x in outputs)
+        tokens, d, v, spike, alpha_in_force, row_alpha, risk, *cap = (sh.fetch(x)[:real] for x in outputs)
         lengths = _generated_lengths(tokens, stops)
         if cap:  # an early-stopped row's cap is its length
             lengths = np.minimum(lengths, cap[0]).astype(np.int32)
-        return DecodeResult(tokens, lengths, d, v, spike, alpha_in_force)
+        return DecodeResult(tokens, lengths, d, v, spike, alpha_in_force, row_alpha,
+                            risk if expert_risk is not None else None)
 
     def lower(self, base_prompts: list[list[int]], settings: DecodeSettings = DecodeSettings()) -> jax.stages.Lowered:
         """The program `decode` would run for these prompts, lowered without running it: its
         `.compile().memory_analysis()` gives the arguments and temporaries it needs, and the
         engine's parameters may be abstract (`jax.ShapeDtypeStruct`, e.g. from `abstract_decoder`)."""
-        arguments, _, _ = self._program_arguments(base_prompts, None, settings, 0.5, 0.0, 1.0, 0, None, None)
+        arguments, _, _ = self._program_arguments(base_prompts, None, settings, 0.5, 0.0, 1.0, 0, None, None, None)
         return self._jitted.lower(*arguments)
 
     def _program_arguments(self, base_prompts, expert_prompts, settings, alpha, temperature, top_p, seed, stop_ids,
-                           early_stop_tables):
+                           early_stop_tables, expert_risk):
         """The jitted program's arguments for a batch, its real size and the stop tokens in force."""
         expert_prompts = base_prompts if expert_prompts is None else expert_prompts
         if len(expert_prompts) != len(base_prompts):
@@ -412,7 +426,10 @@ class Engine:
         paired = self.has_adapter and settings.uses_expert
         settings = dataclasses.replace(settings, sampling=bool((np.asarray(temperature) > 0).any()),
                                        shared_prompts=paired and list(map(list, expert_prompts)) == list(
-                                           map(list, base_prompts)))
+                                           map(list, base_prompts)),
+                                       alpha_from_expert=expert_risk is not None)
+        if expert_risk is not None and not settings.uses_expert:
+            raise ValueError(f"expert_risk needs the expert, which mode '{settings.mode}' does not run")
         tables = self.early_stop_tables if early_stop_tables is None else early_stop_tables
         if settings.early_stop:
             if tables is None:
@@ -454,6 +471,10 @@ class Engine:
             inputs = self._place_batch(inputs)
         if settings.early_stop:
             inputs["early_stop"] = tables
+        if expert_risk is not None:
+            inputs["refusal_opening"] = np.asarray(expert_risk.opening_mask, np.float32)[: self.vocab_size]
+            inputs["alpha_levels"] = np.asarray(expert_risk.mapping.levels, np.float32)
+            inputs["risk_thresholds"] = np.asarray(expert_risk.mapping.thresholds, np.float32)
         if paired:
             graphs, params = (None, None, self.paired_graph), {"paired": self.paired_params}
         else:

@@ -241,13 +241,51 @@ def risk_from_scores(scores: dict[str, int], prompt_chars: int, all_zero_risk: i
     return int(min(MAX_SCORE, max(MIN_SCORE, blended)))
 
 
-def alpha_from_risk(r: float) -> float:
-    """How hard the expert pulls once the neuron fires. r may be fractional (logit mode)."""
-    if r > 6:
-        return 0.9
-    if r < 5:
-        return 0.1
-    return 0.5
+@dataclasses.dataclass(frozen=True)
+class AlphaMapping:
+    """risk r -> alpha: levels[0] below thresholds[0], levels[2] above thresholds[1], levels[1]
+    between (both ends included). The default is the paper's: r < 5 -> 0.1, r > 6 -> 0.9, else 0.5."""
+
+    levels: tuple[float, float, float] = (0.1, 0.5, 0.9)
+    thresholds: tuple[float, float] = (5.0, 6.0)
+
+    def __post_init__(self):
+        if len(self.levels) != 3 or not all(0.0 <= a <= 1.0 for a in self.levels):
+            raise ValueError(f"alpha levels must be three numbers in [0, 1] (low, middle, high); got {self.levels}")
+        if len(self.thresholds) != 2 or not MIN_SCORE <= self.thresholds[0] <= self.thresholds[1] <= MAX_SCORE:
+            raise ValueError(f"risk thresholds must be two numbers low <= high in [0, 10]; got {self.thresholds}")
+
+
+PAPER_ALPHA_MAPPING = AlphaMapping()
+
+
+def alpha_from_risk(r: float, mapping: AlphaMapping = PAPER_ALPHA_MAPPING) -> float:
+    """How hard the expert pulls once the neuron fires. r may be fractional (logit, expert)."""
+    low, high = mapping.thresholds
+    if r > high:
+        return mapping.levels[2]
+    if r < low:
+        return mapping.levels[0]
+    return mapping.levels[1]
+
+
+def alpha_from_risk_array(risk, levels, thresholds):
+    """`alpha_from_risk` on a [B] array of risks, jit-able: levels [3], thresholds [2]."""
+    import jax.numpy as jnp
+
+    risk = jnp.asarray(risk, jnp.float32)
+    levels, thresholds = jnp.asarray(levels, jnp.float32), jnp.asarray(thresholds, jnp.float32)
+    return jnp.where(risk > thresholds[1], levels[2], jnp.where(risk < thresholds[0], levels[0], levels[1]))
+
+
+def risk_from_refusal_opening(p_first, opening_mask):
+    """Expert-mode risk, jit-able: 10 times the expert's probability that its answer opens with a
+    refusal, i.e. that its first token is one that refusals open with. p_first: [B, V] next-token
+    probabilities after the prompt; opening_mask: [V], 1 on those tokens."""
+    import jax.numpy as jnp
+
+    mass = jnp.sum(jnp.asarray(p_first, jnp.float32) * jnp.asarray(opening_mask, jnp.float32), axis=-1)
+    return 10.0 * jnp.clip(mass, 0.0, 1.0)
 
 
 def risk_from_yes_no(p_yes: float, p_no: float) -> float:
@@ -270,16 +308,22 @@ class RiskRating:
     alpha: float
 
 
-def rate(text: str, user_request: str, parser: str = "lenient", all_zero_risk: int | None = None) -> RiskRating:
+def rate(text: str, user_request: str, parser: str = "lenient", all_zero_risk: int | None = None,
+         mapping: AlphaMapping = PAPER_ALPHA_MAPPING) -> RiskRating:
     """The whole JSON-mode pipeline: the model's answer `text` about `user_request` -> alpha."""
     scores, parsed = parse_scores(text, parser)
     risk = risk_from_scores(scores, len(user_request), all_zero_risk)
-    return RiskRating(scores=scores, parsed=parsed, risk=risk, alpha=alpha_from_risk(risk))
+    return RiskRating(scores=scores, parsed=parsed, risk=risk, alpha=alpha_from_risk(risk, mapping))
 
 
 # --- running the base model -------------------------------------------------------------
 
-REFLECT_MODES = ("json", "logit", "off")
+REFLECT_MODES = ("json", "logit", "expert", "off")
+# How refusals open (the project's training refusals all start with one of these); the first
+# token of each makes the expert mode's set. "As an AI" and "Unfortunately" are left out:
+# ordinary answers open with "As" and "Unfortunately" too.
+REFUSAL_OPENINGS = ("I can't", "I cannot", "I can not", "I won't", "I will not", "I'm sorry", "I am sorry",
+                    "Sorry", "I apologize", "I'm unable", "I am unable", "I'm not able", "I am not able")
 # With `prefix=True` the assistant turn starts inside the object: small models (SmolLM2-135M)
 # otherwise answer the request instead of rating it. The prefix is part of the text that gets
 # parsed. The reference does not force a start.
@@ -309,6 +353,34 @@ def _single_token_ids(tokenizer, words) -> list[int]:
     return sorted({i[0] for i in ids if len(i) == 1})
 
 
+def refusal_opening_ids(tokenizer) -> list[int]:
+    """The tokens a refusal opens with: the first token of each of REFUSAL_OPENINGS."""
+    return sorted({tokenizer.encode(text, add_special_tokens=False)[0] for text in REFUSAL_OPENINGS})
+
+
+def refusal_opening_mask(tokenizer, vocab_size: int):
+    """[vocab_size] float32, 1 on `refusal_opening_ids`: the expert mode's input to the decode program."""
+    import numpy as np
+
+    mask = np.zeros((vocab_size,), np.float32)
+    mask[[i for i in refusal_opening_ids(tokenizer) if i < vocab_size]] = 1.0
+    return mask
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertRisk:
+    """What the decode program needs to set alpha from the expert's own first-token distribution."""
+
+    opening_mask: object  # [V] float32, from refusal_opening_mask
+    mapping: AlphaMapping = PAPER_ALPHA_MAPPING
+
+
+def expert_reflection(risk: float, alpha: float) -> Reflection:
+    """The record of an expert-mode rating made inside the decode program."""
+    # The program computes in float32; rounding shows 0.9 rather than 0.8999999761581421.
+    return Reflection("expert", round(float(alpha), 6), float(risk), f"P(refusal opening)={risk / 10:.4f}")
+
+
 def _closing_brace_ids(tokenizer) -> list[int]:
     # Any token that prints a '}' can end the JSON object, so generation stops right there.
     return [i for token, i in tokenizer.get_vocab().items() if "}" in token]
@@ -316,15 +388,19 @@ def _closing_brace_ids(tokenizer) -> list[int]:
 
 def reflect(engine, tokenizer, requests: list[str], mode: str = "json", fixed_alpha: float = 0.5,
             chat_template=None, thinking: bool = False, parser: str = "lenient", prefix: bool = True,
-            max_new_tokens: int = REFLECTION_MAX_NEW_TOKENS, all_zero_risk: int | None = None) -> list[Reflection]:
+            max_new_tokens: int = REFLECTION_MAX_NEW_TOKENS, all_zero_risk: int | None = None,
+            mapping: AlphaMapping = PAPER_ALPHA_MAPPING) -> list[Reflection]:
     """Rates a batch of user requests with the engine's base model, in one batched call.
 
     json: greedy generation of the rating (at most `max_new_tokens`, ending at an end-of-turn
     token and, for the lenient parser, at the first token that prints a '}'; the reference
     parser reads the whole answer, as the reference does), started with RATING_PREFIX when
     `prefix`, then `rate` with `parser`; logit: one prefill, P(yes) vs P(no) for the next
-    token; off: every prompt gets `fixed_alpha`. `thinking` is the chat template's
-    `enable_thinking` (off, as the reference rates with Qwen3).
+    token; off: every prompt gets `fixed_alpha`; expert: the expert's own prefill on the plain
+    prompt (chat template, no system prompt), P(refusal opening) (`decode` computes the same
+    inside the decode program from the prefill it runs anyway, Engine.decode's `expert_risk`,
+    so this separate pass serves analyses only). `thinking` is the chat template's
+    `enable_thinking` (off, as the reference rates with Qwen3); `mapping` turns risk into alpha.
     """
     from ngsd_jax.engine import DecodeSettings
     from ngsd_jax.tokenizer import encode_chat, stop_token_ids
@@ -348,8 +424,16 @@ def reflect(engine, tokenizer, requests: list[str], mode: str = "json", fixed_al
         for row in distribution:
             p_yes, p_no = float(row[yes].sum()), float(row[no].sum())
             risk = risk_from_yes_no(p_yes, p_no)
-            out.append(Reflection(mode, alpha_from_risk(risk), risk, f"P(yes)={p_yes:.4f} P(no)={p_no:.4f}"))
+            out.append(Reflection(mode, alpha_from_risk(risk, mapping), risk, f"P(yes)={p_yes:.4f} P(no)={p_no:.4f}"))
         return out
+    if mode == "expert":
+        import numpy as np
+
+        distribution = engine.next_token_distribution(
+            [encode_chat(tokenizer, r, chat_template=chat_template, thinking=thinking) for r in requests], model="expert")
+        risks = np.asarray(risk_from_refusal_opening(distribution, refusal_opening_mask(tokenizer,
+                                                                                        distribution.shape[-1])))
+        return [expert_reflection(float(r), alpha_from_risk(float(r), mapping)) for r in risks]
 
     start = RATING_PREFIX if prefix else ""
     stops = list(stop_token_ids(tokenizer, engine.base_config, chat_template))
@@ -360,6 +444,6 @@ def reflect(engine, tokenizer, requests: list[str], mode: str = "json", fixed_al
     out = []
     for i, request in enumerate(requests):
         text = start + tokenizer.decode(result.sequence(i), skip_special_tokens=True)
-        rating = rate(text, request, parser, all_zero_risk)
+        rating = rate(text, request, parser, all_zero_risk, mapping)
         out.append(Reflection(mode, rating.alpha, rating.risk, text, rating.scores, rating.parsed))
     return out

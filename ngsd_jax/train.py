@@ -59,8 +59,12 @@ class Recipe:
     base: str | None = None  # the model the expert serves, and whose answers are distilled; None = embedded default
     expert_init: str | None = None  # the expert's starting weights; None = the base itself
     # Default dataset (built from these when set) and extra/explicit record files.
-    harmful_data: str | None = "train/data/harmful.jsonl"
-    benign_data: str | None = "train/data/benign.jsonl"
+    harmful_data: str | list[str] | None = "train/data/harmful.jsonl"
+    benign_data: str | list[str] | None = "train/data/benign.jsonl"
+    # Everyday instructions, self-distilled like the benign prompts; `ordinary_prompts` of their
+    # train split are drawn at random (None = all).
+    ordinary_data: str | None = None
+    ordinary_prompts: int | None = None
     data: list[str] = dataclasses.field(default_factory=list)
     distill_prompts: int | None = None  # benign train prompts answered by the base (None = all)
     distill_max_new_tokens: int = 64
@@ -68,6 +72,7 @@ class Recipe:
     recovery_prompts: int | None = 64  # harmful train prompts whose base answer seeds recovery examples (None = all)
     recovery_prefix_tokens: list[int] = dataclasses.field(default_factory=lambda: [5, 10, 20, 40])
     recovery_prefixes_per_prompt: int | None = None  # prefix lengths per recovery prompt, in turn (None = all)
+    recovery_separator: str = ""  # text between the base's prefix and the refusal ("" = the paper's: none)
     harmful_weight: float = 1.0
     benign_weight: float = 1.0
     recovery_weight: float = 1.0
@@ -119,7 +124,8 @@ class Recipe:
              "decision_weight > 0"),
             (self.recovery_prefixes_per_prompt is None or self.recovery_prefixes_per_prompt >= 1,
              "recovery_prefixes_per_prompt must be >= 1"),
-            (bool(self.data) or bool(self.harmful_data) or bool(self.benign_data),
+            (self.ordinary_prompts is None or self.ordinary_prompts >= 0, "ordinary_prompts must be >= 0"),
+            (bool(self.data) or bool(self.harmful_data) or bool(self.benign_data) or bool(self.ordinary_data),
              "no training data: set harmful_data/benign_data or give --data FILE"),
         ]
         for ok, message in checks:
@@ -191,7 +197,7 @@ def build_recipe(args) -> Recipe:
              "grad_accum": args.grad_accum, "method": args.method, "seed": args.seed}
     values.update({k: v for k, v in flags.items() if v is not None})
     if args.data:
-        values.update(data=[str(p) for p in args.data], harmful_data=None, benign_data=None)
+        values.update(data=[str(p) for p in args.data], harmful_data=None, benign_data=None, ordinary_data=None)
     values.update(dict(parse_override(item) for item in args.set))
     recipe = Recipe(**values)
     check_field_types(recipe)
@@ -226,7 +232,7 @@ def prepare_examples(recipe: Recipe, tokenizer, answers_from: BaseAnswers, run_d
 
     eot = td.end_of_turn_id(tokenizer, recipe.chat_template)
     sources: list[Path] = []
-    if recipe.harmful_data or recipe.benign_data:
+    if recipe.harmful_data or recipe.benign_data or recipe.ordinary_data:
         sources.append(build_default_dataset(recipe, tokenizer, answers_from, eot, run_dir, strict))
     sources += [resolve_data_path(p) for p in recipe.data]
     examples = []
@@ -251,10 +257,10 @@ def build_default_dataset(recipe: Recipe, tokenizer, answers_from: BaseAnswers, 
 
     from ngsd_jax import train_data as td
 
-    def train_split(path, parse):
-        if not path:
-            return []
-        return [row for _, row in td.read_jsonl(resolve_data_path(path), parse, strict) if row["split"] == "train"]
+    def train_split(paths, parse):
+        paths = [paths] if isinstance(paths, str) else (paths or [])
+        return [row for path in paths for _, row in td.read_jsonl(resolve_data_path(path), parse, strict)
+                if row["split"] == "train"]
 
     harmful = train_split(recipe.harmful_data, td.parse_harmful)
     benign = train_split(recipe.benign_data, td.parse_benign)
@@ -264,6 +270,10 @@ def build_default_dataset(recipe: Recipe, tokenizer, answers_from: BaseAnswers, 
     recovery_count = len(harmful) if recipe.recovery_prompts is None else min(recipe.recovery_prompts, len(harmful))
     recovery_count = recovery_count if recipe.recovery_prefix_tokens else 0
     recovery = [harmful[i]["id"] for i in sorted(rng.choice(len(harmful), recovery_count, replace=False))]
+    ordinary = train_split(recipe.ordinary_data, td.parse_benign)
+    if recipe.ordinary_prompts is not None and recipe.ordinary_prompts < len(ordinary):
+        ordinary = [ordinary[i] for i in sorted(rng.choice(len(ordinary), recipe.ordinary_prompts, replace=False))]
+    benign = benign + ordinary
     by_id = {r["id"]: r for r in harmful}
     requests = [(r["id"], r["prompt"]) for r in benign] + [(rid, by_id[rid]["prompt"]) for rid in recovery]
     data_dir = run_dir / "data"
@@ -277,7 +287,8 @@ def build_default_dataset(recipe: Recipe, tokenizer, answers_from: BaseAnswers, 
         harmful, benign, answers, recovery_ids=recovery, recovery_prefix_tokens=recipe.recovery_prefix_tokens,
         prefixes_per_prompt=recipe.recovery_prefixes_per_prompt, eot_id=eot, tokenizer=tokenizer,
         harmful_weight=recipe.harmful_weight, benign_weight=recipe.benign_weight,
-        recovery_weight=recipe.recovery_weight, match_teacher=recipe.distill_loss == "kl")
+        recovery_weight=recipe.recovery_weight, match_teacher=recipe.distill_loss == "kl",
+        recovery_separator=recipe.recovery_separator)
     counts: dict[str, int] = {}
     for r in records:
         counts[r["kind"]] = counts.get(r["kind"], 0) + 1

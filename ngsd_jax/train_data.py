@@ -363,13 +363,17 @@ def generate_answers(make_engine: Callable[[], object], tokenizer, requests: Seq
 def build_default_records(harmful: Sequence[dict], benign: Sequence[dict], answers: dict[str, dict], *,
                           recovery_ids: Sequence[str], recovery_prefix_tokens: Sequence[int],
                           prefixes_per_prompt: int | None, eot_id: int, tokenizer, harmful_weight: float,
-                          benign_weight: float, recovery_weight: float, match_teacher: bool) -> list[dict]:
+                          benign_weight: float, recovery_weight: float, match_teacher: bool,
+                          recovery_separator: str = "") -> list[dict]:
     """Training records: refusals for harmful prompts, the teacher's own answers for benign ones
     (to be matched token by token, or distribution by distribution with `match_teacher`), and
     deep-alignment recovery examples (the teacher's harmful start, then the refusal).
 
     Each recovery prompt gets `prefixes_per_prompt` of the prefix lengths (all when None),
-    taken in turn from the list, so many prompts can share the lengths between them."""
+    taken in turn from the list, so many prompts can share the lengths between them. A
+    recovery refusal starts with `recovery_separator` (e.g. a paragraph break), so that the
+    turn after the base's words reads as text ("Subject\n\nI can't ..." rather than
+    "SubjectI can't ...")."""
     records = [{"kind": "refusal", "id": r["id"], "prompt": r["prompt"], "response": r["response"],
                 "weight": harmful_weight} for r in harmful]
     for r in benign:
@@ -392,5 +396,6 @@ def build_default_records(harmful: Sequence[dict], benign: Sequence[dict], answe
             if len(body) >= k:
                 records.append({"kind": f"recovery{k}", "id": rid, "prompt": by_id[rid]["prompt"],
                                 "prefix_ids": body[:k], "prefix": tokenizer.decode(body[:k]),
-                                "response": by_id[rid]["response"], "weight": recovery_weight})
+                                "response": recovery_separator + by_id[rid]["response"],
+                                "weight": recovery_weight})
     return records

@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from ngsd_jax import decode
 from ngsd_jax.engine import DecodeSettings, Engine
 from ngsd_jax.loading import load_model
-from ngsd_jax.reflection import RATING_PREFIX, harmfulness_question_messages, reflect
+from ngsd_jax.reflection import RATING_PREFIX, AlphaMapping, harmfulness_question_messages, reflect
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -352,3 +352,48 @@ def test_a_missing_checkpoint_is_named(pair, capsys, role):
     code, _, err = _run(capsys, "--base", paths["base"], "--expert", paths["expert"], "--prompt", "hi")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert f"{role} model /no/such/dir: no such checkpoint" in err and "ngsd_jax.train" not in err
+
+
+def test_reflect_expert_sets_alpha_in_the_decode_program_with_the_flagged_mapping(pair, capsys):
+    base, expert = pair
+    args = ["--base", base, "--expert", expert, "--max-new-tokens", "4", "--json", "--reflect", "expert",
+            "--alpha-levels", "0.2,0.3,0.7", "--risk-thresholds", "0.01,0.02"]
+    for p in PROMPTS:
+        args += ["--prompt", p]
+    code, out, err = _run(capsys, *args)
+    assert code == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    # Reference: the same risk from a separate prefill of the expert, outside the decode program.
+    tok = PreTrainedTokenizerFast.from_pretrained(expert)
+    engine = Engine(None, load_model(expert), vocab_size=len(tok), stop_ids=[tok.eos_token_id])
+    mapping = AlphaMapping((0.2, 0.3, 0.7), (0.01, 0.02))
+    reference = reflect(engine, tok, PROMPTS, "expert", mapping=mapping)
+    assert {r.alpha for r in reference} <= {0.2, 0.3, 0.7}
+    for record, ref in zip(records, reference):
+        assert record["reflection"]["mode"] == "expert"
+        assert record["reflection"]["risk"] == pytest.approx(ref.risk, rel=1e-4)
+        assert record["reflection"]["alpha"] == pytest.approx(ref.alpha)
+        assert all(a == 0 or a == pytest.approx(ref.alpha) for a in record["trace"]["alpha"])
+
+
+@pytest.mark.parametrize("flag, value, message", [("--alpha-levels", "0.1,0.5", "expected 3 comma-separated"),
+                                                   ("--alpha-levels", "0.1,0.5,1.5", "alpha levels"),
+                                                   ("--risk-thresholds", "6,5", "risk thresholds")])
+def test_bad_alpha_mapping_flags_fail_early_naming_the_fix(pair, capsys, flag, value, message):
+    base, expert = pair
+    try:
+        code = decode.main(["--base", base, "--expert", expert, "--prompt", "hi", flag, value])
+    except SystemExit as exit:  # argparse's own refusal of a malformed value: usage, then one error line
+        code = exit.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err.strip().splitlines()[-1]
+
+
+def test_the_default_pair_decodes_with_its_preset_and_named_models_with_the_paper_settings(pair):
+    parser = decode.build_parser()
+    default = decode.resolve_options(parser.parse_args(["--prompt", "hi"]))
+    assert default.reflect == decode.load_preset(decode.DEFAULT_PRESET)["reflect"] == "expert"
+    base, expert = pair
+    named = decode.resolve_options(parser.parse_args(["--prompt", "hi", "--base", base, "--expert", expert]))
+    assert named.reflect == "json" and named.alpha_levels == (0.1, 0.5, 0.9)
+    assert decode.resolve_options(parser.parse_args(["--prompt", "hi", "--reflect", "json"])).reflect == "json"

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from ngsd_jax import reflection
 from ngsd_jax.engine import DecodeSettings, Engine
 from ngsd_jax.loading import load_model
 from ngsd_jax.ngsd import GateConfig
@@ -270,3 +271,34 @@ def test_padded_vocabulary_rows_are_never_chosen(tmp_path):
     engine = Engine(model, model, vocab_size=200, stop_ids=[])
     result = engine.decode(_prompts(11, [6]), None, DecodeSettings(mode="ngsd", max_new_tokens=16))
     assert (result.tokens < 200).all()
+
+
+def test_alpha_from_expert_prefill_equals_reference_computed_outside(pair):
+    """--reflect expert: alpha set inside the program from the expert's first-token distribution
+    must equal the paper-style mapping of 10 * P(opening token) computed outside with
+    transformers, and the decode must then equal the reference loop at that alpha."""
+    hf_base, base, hf_expert, expert = pair
+    engine = Engine(base, expert, vocab_size=VOCAB, stop_ids=[])
+    prompts = _prompts(3, [7, 11, 5, 9])
+    opening = np.zeros((VOCAB,), np.float32)
+    opening[[5, 17, 40, 99, 123, 200, 201, 250]] = 1.0
+    with torch.no_grad():
+        risks = [10.0 * float(_softmax(hf_expert(torch.tensor([p])).logits[0, -1].numpy())[opening > 0].sum())
+                 for p in prompts]
+    # Thresholds between the risks, so that the batch spans all three alpha levels.
+    ordered = sorted(risks)
+    mapping = reflection.AlphaMapping(levels=(0.0, 0.4, 0.95),
+                                      thresholds=((ordered[0] + ordered[1]) / 2, (ordered[2] + ordered[3]) / 2))
+    expected_alpha = [reflection.alpha_from_risk(r, mapping) for r in risks]
+    assert len(set(expected_alpha)) == 3
+    settings = DecodeSettings(mode="ngsd", max_new_tokens=24)
+    result = engine.decode(prompts, None, settings, alpha=0.5, expert_risk=reflection.ExpertRisk(opening, mapping))
+    np.testing.assert_allclose(result.risk, risks, rtol=1e-4)
+    np.testing.assert_allclose(result.alpha, expected_alpha)
+    for i, prompt in enumerate(prompts):
+        ref, trace = reference_loop(hf_base, hf_expert, prompt, prompt, 24, "ngsd", alpha=expected_alpha[i])
+        assert result.sequence(i) == ref
+        np.testing.assert_allclose(result.alpha_in_force[i], [expected_alpha[i] if s else 0.0 for _, _, s in trace])
+    # The passed alpha is ignored, and without expert_risk the program uses it and reports no risk.
+    fixed = engine.decode(prompts, None, settings, alpha=0.5)
+    assert fixed.risk is None and fixed.alpha.tolist() == [0.5] * 4

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from ngsd_jax import reflection
@@ -285,3 +286,50 @@ def test_harmfulness_question_precedes_the_request_and_the_answer_cue_ends_the_t
     assert user.startswith(reflection.HARMFULNESS_QUESTION)
     assert user.index(reflection.HARMFULNESS_QUESTION) < user.index(reflection.REQUEST_OPEN)
     assert user.endswith("Answer yes or no.")
+
+
+@pytest.mark.parametrize("mapping", [reflection.PAPER_ALPHA_MAPPING,
+                                     reflection.AlphaMapping(levels=(0.0, 0.3, 1.0), thresholds=(2.0, 2.0)),
+                                     reflection.AlphaMapping(levels=(0.05, 0.6, 0.8), thresholds=(1.5, 7.25))])
+def test_in_program_alpha_mapping_equals_the_python_one(mapping):
+    risks = [0.0, 1.4999, 1.5, 2.0, 2.0001, 4.9999, 5.0, 5.5, 6.0, 6.0001, 7.25, 7.2501, 10.0]
+    in_program = reflection.alpha_from_risk_array(risks, mapping.levels, mapping.thresholds)
+    assert in_program.tolist() == pytest.approx([reflection.alpha_from_risk(r, mapping) for r in risks])
+
+
+def test_alpha_mapping_with_flags():
+    mapping = reflection.AlphaMapping(levels=(0.0, 0.3, 1.0), thresholds=(2.0, 4.0))
+    assert [alpha_from_risk(r, mapping) for r in (1.9, 2.0, 4.0, 4.1)] == [0.0, 0.3, 0.3, 1.0]
+    # The default stays the paper's.
+    assert [alpha_from_risk(r) for r in (4.9, 5.0, 6.0, 6.1)] == [0.1, 0.5, 0.5, 0.9]
+
+
+@pytest.mark.parametrize("levels, thresholds", [((0.1, 0.5), (5.0, 6.0)), ((0.1, 0.5, 1.5), (5.0, 6.0)),
+                                                ((0.1, 0.5, 0.9), (6.0, 5.0)), ((0.1, 0.5, 0.9), (5.0, 11.0))])
+def test_bad_alpha_mapping_is_refused(levels, thresholds):
+    with pytest.raises(ValueError, match="alpha levels|risk thresholds"):
+        reflection.AlphaMapping(levels, thresholds)
+
+
+def test_risk_from_refusal_opening_is_ten_times_the_opening_mass():
+    p = np.array([[0.5, 0.2, 0.3, 0.0], [0.0, 0.05, 0.05, 0.9]], np.float32)
+    mask = np.array([0, 1, 1, 0], np.float32)
+    assert np.asarray(reflection.risk_from_refusal_opening(p, mask)).tolist() == pytest.approx([5.0, 1.0])
+
+
+class _WordTokenizer:
+    """Splits on spaces and apostrophes; ids by first appearance."""
+
+    def __init__(self):
+        self.vocab = {}
+
+    def encode(self, text, add_special_tokens=False):
+        return [self.vocab.setdefault(w, len(self.vocab)) for w in text.replace("'", " '").split()]
+
+
+def test_refusal_opening_ids_are_the_first_tokens_of_refusal_openings():
+    tok = _WordTokenizer()
+    ids = reflection.refusal_opening_ids(tok)
+    assert sorted(ids) == sorted({tok.vocab["I"], tok.vocab["Sorry"]})
+    mask = reflection.refusal_opening_mask(tok, len(tok.vocab) + 3)
+    assert mask.sum() == 2 and mask[tok.vocab["I"]] == 1 and mask[tok.vocab["Sorry"]] == 1

@@ -143,6 +143,53 @@ def test_recovery_prompts_share_the_prefix_lengths_in_turn(tokenizer):
     assert [len(r["prefix_ids"]) for r in records if r["kind"].startswith("recovery")] == [1, 2, 4]
 
 
+def test_recovery_refusal_starts_with_the_recipe_separator(tokenizer):
+    harmful = [{"id": "h0", "prompt": "bad request", "response": "I can't help with that."}]
+    answers = {"h0": {"response_ids": list(range(10, 20)), "response": "Sure, here is how", "finished": False}}
+    recipe = train.build_recipe(train.build_parser().parse_args(["--set", "recovery_separator=\n\n"]))
+    assert recipe.recovery_separator == "\n\n" and train.Recipe().recovery_separator == ""
+    records = train_data.build_default_records(
+        harmful, [], answers, recovery_ids=["h0"], recovery_prefix_tokens=[1], prefixes_per_prompt=None,
+        eot_id=0, tokenizer=tokenizer, harmful_weight=1.0, benign_weight=1.0, recovery_weight=1.0,
+        match_teacher=True, recovery_separator=recipe.recovery_separator)
+    refusal, recovery = records
+    assert refusal["response"] == "I can't help with that."  # the plain refusal keeps no separator
+    assert recovery["prefix_ids"] == [10] and recovery["response"] == "\n\nI can't help with that."
+    example = train_data.encode_record(train_data.parse_record(recovery), tokenizer, 0, "x")
+    targets = example.tokens[example.loss_mask == 1].tolist()
+    assert targets[:2] == tokenizer.encode("\n\n", add_special_tokens=False)[:2]
+
+
+def test_default_dataset_reads_file_lists_and_draws_the_ordinary_prompts(tokenizer, tmp_path):
+    def write(name, rows):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(tmp_path / name)
+
+    harmful = write("h.jsonl", [{"id": "h0", "prompt": "bad", "response": "I can't.", "split": "train"},
+                                {"id": "h1", "prompt": "worse", "response": "I won't.", "split": "heldout"}])
+    tasks = write("ht.jsonl", [{"id": "ht0", "prompt": "summarise how to do bad", "response": "No.", "split": "train"}])
+    benign = write("b.jsonl", [{"id": "b0", "prompt": "bake bread", "split": "train"}])
+    ordinary = write("o.jsonl", [{"id": f"o{i}", "prompt": f"rewrite text {i}", "split": "train" if i < 9 else
+                                  "heldout"} for i in range(10)])
+    recipe = train.build_recipe(train.build_parser().parse_args([
+        "--set", f"harmful_data={json.dumps([harmful, tasks])}", "--set", f"benign_data={benign}",
+        "--set", f"ordinary_data={ordinary}", "--set", "ordinary_prompts=4", "--set", "recovery_prompts=0"]))
+    teacher = "teacher"
+    cache = tmp_path / "run" / "data" / "base_answers.jsonl"
+    cache.parent.mkdir(parents=True)
+    cache.write_text("".join(json.dumps({"id": rid, "prompt": prompt, "teacher": teacher,
+                                         "max_new_tokens": recipe.distill_max_new_tokens, "system": None,
+                                         "finished": True, "response_ids": [5, 6], "response": "ok"}) + "\n"
+                             for rid, prompt in [("b0", "bake bread")] +
+                             [(f"o{i}", f"rewrite text {i}") for i in range(10)]))
+    answers_from = train.BaseAnswers(teacher, tokenizer, make_engine=None)  # every answer is cached
+    path = train.build_default_dataset(recipe, tokenizer, answers_from, eot=0, run_dir=tmp_path / "run", strict=True)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert sorted(r["id"] for r in records if r["kind"] == "refusal") == ["h0", "ht0"]  # train split only
+    distilled = [r["id"] for r in records if r["kind"] == "distill"]
+    assert distilled[0] == "b0" and len(distilled) == 5 and set(distilled[1:]) < {f"o{i}" for i in range(9)}
+
+
 def test_messages_and_prompt_response_records_agree(tokenizer):
     prompt, response = PAIRS[1]
     eot = train_data.end_of_turn_id(tokenizer)
