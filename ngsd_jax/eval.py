@@ -237,7 +237,7 @@ def _run_fingerprint(args, options, conditions, judge_name) -> dict:
                    args.answer_field, args.limit],
         "conditions": [c.name for c in conditions],
         "judge": judge_name,
-        "options": dataclasses.asdict(options),
+        "options": json.loads(json.dumps(dataclasses.asdict(options))),  # as run.json reads back (tuples: lists)
         "sampling": [args.temperature, args.top_p, args.top_k, args.seed, args.batch_size],
     }
 

@@ -347,7 +347,7 @@ def _final_params(path: Path) -> list[np.ndarray]:
 
 def test_resume_after_sigkill_ends_where_an_uninterrupted_run_ends(tiny_checkpoint, data_file, tmp_path):
     # Enough steps that the run is still going when its first checkpoint appears.
-    settings = ["--epochs", "100", "--lr", "3e-3", "--set", "checkpoint_every=50"]
+    settings = ["--epochs", "100", "--lr", "3e-3", "--set", "checkpoint_every=50", "--set", "max_steps=null"]
     reference = tmp_path / "reference"
     assert train.main(train_args(tiny_checkpoint, data_file, reference, *settings)) == 0
 
