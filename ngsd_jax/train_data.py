@@ -1,5 +1,6 @@
 """Training data for the safety expert: reading, tokenising, masking, bucketing, and the
-default dataset built from the base model's own answers.
+default dataset built from the base model's own answers, and a recipe's examples (that
+dataset, built and cached in the run directory, plus the recipe's own record files).
 
 A training record is one JSON object per line, either chat `messages` (an optional system
 message, one user message, one final assistant message) or `prompt` + `response`. Besides
@@ -25,7 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ngsd_jax.recipe import Recipe, UsageError, resolve_data_path
 from ngsd_jax.tokenizer import END_OF_TURN_TOKENS, TokenizerError, encode_chat, resolve_chat_template
+from ngsd_jax.train_state import write_atomic
 
 # Phrases that mark an answer that already refuses; the base's own refusals make no harmful
 # prefix for a recovery example. (The evaluation judge lives apart, in bench/jbb_refusals.py.)
@@ -399,3 +402,81 @@ def build_default_records(harmful: Sequence[dict], benign: Sequence[dict], answe
                                 "response": recovery_separator + by_id[rid]["response"],
                                 "weight": recovery_weight})
     return records
+
+
+# ----------------------------------------------------------------------------- a recipe's examples
+
+@dataclasses.dataclass(frozen=True)
+class BaseAnswers:
+    """The base model as the source of self-distilled answers, loaded only if some are missing."""
+
+    name: str  # identifies the answers in the run directory's cache
+    tokenizer: object  # the base's own, for its own chat format (the vocabulary is the expert's)
+    make_engine: object  # () -> a base-mode Engine
+
+
+def prepare_examples(recipe: Recipe, tokenizer, answers_from: BaseAnswers, run_dir: Path, strict: bool):
+    """All training examples: the default dataset (built/cached in run_dir/data) plus recipe data files."""
+    eot = end_of_turn_id(tokenizer, recipe.chat_template)
+    sources: list[Path] = []
+    if recipe.harmful_data or recipe.benign_data or recipe.ordinary_data:
+        sources.append(build_default_dataset(recipe, tokenizer, answers_from, eot, run_dir, strict))
+    sources += [resolve_data_path(p) for p in recipe.data]
+    examples = []
+    for path in sources:
+        for origin, record in read_jsonl(path, parse_record, strict):
+            try:
+                examples.append(encode_record(record, tokenizer, eot, origin, recipe.chat_template,
+                                              recipe.system_prompt))
+            except DataError as err:
+                if strict:
+                    raise
+                warn(f"{err}; line skipped")
+    if not examples:
+        raise UsageError("no usable training examples in " + ", ".join(map(str, sources)))
+    return fit_to_width(examples, max(recipe.bucket_widths))
+
+
+def build_default_dataset(recipe: Recipe, tokenizer, answers_from: BaseAnswers, eot: int, run_dir: Path,
+                          strict: bool) -> Path:
+    """run_dir/data/train.jsonl from the harmful and benign prompt files (train split only)."""
+
+    def train_split(paths, parse):
+        paths = [paths] if isinstance(paths, str) else (paths or [])
+        return [row for path in paths for _, row in read_jsonl(resolve_data_path(path), parse, strict)
+                if row["split"] == "train"]
+
+    harmful = train_split(recipe.harmful_data, parse_harmful)
+    benign = train_split(recipe.benign_data, parse_benign)
+    rng = np.random.default_rng(recipe.seed)
+    if recipe.distill_prompts is not None and recipe.distill_prompts < len(benign):
+        benign = [benign[i] for i in sorted(rng.choice(len(benign), recipe.distill_prompts, replace=False))]
+    recovery_count = len(harmful) if recipe.recovery_prompts is None else min(recipe.recovery_prompts, len(harmful))
+    recovery_count = recovery_count if recipe.recovery_prefix_tokens else 0
+    recovery = [harmful[i]["id"] for i in sorted(rng.choice(len(harmful), recovery_count, replace=False))]
+    ordinary = train_split(recipe.ordinary_data, parse_benign)
+    if recipe.ordinary_prompts is not None and recipe.ordinary_prompts < len(ordinary):
+        ordinary = [ordinary[i] for i in sorted(rng.choice(len(ordinary), recipe.ordinary_prompts, replace=False))]
+    benign = benign + ordinary
+    by_id = {r["id"]: r for r in harmful}
+    requests = [(r["id"], r["prompt"]) for r in benign] + [(rid, by_id[rid]["prompt"]) for rid in recovery]
+    data_dir = run_dir / "data"
+    answers = {}
+    if requests:
+        answers = generate_answers(answers_from.make_engine, answers_from.tokenizer, requests,
+                                   recipe.distill_max_new_tokens, recipe.generation_batch,
+                                   data_dir / "base_answers.jsonl", answers_from.name,
+                                   recipe.base_chat_template, recipe.base_system_prompt)
+    records = build_default_records(
+        harmful, benign, answers, recovery_ids=recovery, recovery_prefix_tokens=recipe.recovery_prefix_tokens,
+        prefixes_per_prompt=recipe.recovery_prefixes_per_prompt, eot_id=eot, tokenizer=tokenizer,
+        harmful_weight=recipe.harmful_weight, benign_weight=recipe.benign_weight,
+        recovery_weight=recipe.recovery_weight, match_teacher=recipe.distill_loss == "kl",
+        recovery_separator=recipe.recovery_separator)
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r["kind"]] = counts.get(r["kind"], 0) + 1
+    warn("default dataset: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+    path = data_dir / "train.jsonl"
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return path

@@ -51,7 +51,7 @@ def place_optimizer_state(optimizer, opt_state, params, mesh: Mesh):
 
 
 def state_shardings(trainable, opt_state):
-    """(trainable, optimizer state) placements, for train.make_train_step to keep them."""
+    """(trainable, optimizer state) placements, for train_step.make_train_step to keep them."""
     return jax.tree.map(lambda x: x.sharding, (trainable, opt_state))
 
 

@@ -22,7 +22,8 @@ from transformers import PreTrainedTokenizerFast
 
 from conftest import build_tiny_hf
 
-from ngsd_jax import train, train_data
+from ngsd_jax import recipe as recipes
+from ngsd_jax import train, train_data, train_step
 from ngsd_jax.config import config_from_hf
 from ngsd_jax.loading import load_model
 from ngsd_jax.lora import apply_lora, merge_lora
@@ -146,8 +147,8 @@ def test_recovery_prompts_share_the_prefix_lengths_in_turn(tokenizer):
 def test_recovery_refusal_starts_with_the_recipe_separator(tokenizer):
     harmful = [{"id": "h0", "prompt": "bad request", "response": "I can't help with that."}]
     answers = {"h0": {"response_ids": list(range(10, 20)), "response": "Sure, here is how", "finished": False}}
-    recipe = train.build_recipe(train.build_parser().parse_args(["--set", "recovery_separator=\n\n"]))
-    assert recipe.recovery_separator == "\n\n" and train.Recipe().recovery_separator == ""
+    recipe = recipes.build_recipe(train.build_parser().parse_args(["--set", "recovery_separator=\n\n"]))
+    assert recipe.recovery_separator == "\n\n" and recipes.Recipe().recovery_separator == ""
     records = train_data.build_default_records(
         harmful, [], answers, recovery_ids=["h0"], recovery_prefix_tokens=[1], prefixes_per_prompt=None,
         eot_id=0, tokenizer=tokenizer, harmful_weight=1.0, benign_weight=1.0, recovery_weight=1.0,
@@ -171,7 +172,7 @@ def test_default_dataset_reads_file_lists_and_draws_the_ordinary_prompts(tokeniz
     benign = write("b.jsonl", [{"id": "b0", "prompt": "bake bread", "split": "train"}])
     ordinary = write("o.jsonl", [{"id": f"o{i}", "prompt": f"rewrite text {i}", "split": "train" if i < 9 else
                                   "heldout"} for i in range(10)])
-    recipe = train.build_recipe(train.build_parser().parse_args([
+    recipe = recipes.build_recipe(train.build_parser().parse_args([
         "--set", f"harmful_data={json.dumps([harmful, tasks])}", "--set", f"benign_data={benign}",
         "--set", f"ordinary_data={ordinary}", "--set", "ordinary_prompts=4", "--set", "recovery_prompts=0"]))
     teacher = "teacher"
@@ -182,8 +183,9 @@ def test_default_dataset_reads_file_lists_and_draws_the_ordinary_prompts(tokeniz
                                          "finished": True, "response_ids": [5, 6], "response": "ok"}) + "\n"
                              for rid, prompt in [("b0", "bake bread")] +
                              [(f"o{i}", f"rewrite text {i}") for i in range(10)]))
-    answers_from = train.BaseAnswers(teacher, tokenizer, make_engine=None)  # every answer is cached
-    path = train.build_default_dataset(recipe, tokenizer, answers_from, eot=0, run_dir=tmp_path / "run", strict=True)
+    answers_from = train_data.BaseAnswers(teacher, tokenizer, make_engine=None)  # every answer is cached
+    path = train_data.build_default_dataset(recipe, tokenizer, answers_from, eot=0, run_dir=tmp_path / "run",
+                                            strict=True)
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert sorted(r["id"] for r in records if r["kind"] == "refusal") == ["h0", "ht0"]  # train split only
     distilled = [r["id"] for r in records if r["kind"] == "distill"]
@@ -235,15 +237,15 @@ def test_loss_on_gathered_targets_equals_the_loss_over_all_positions():
     token_loss = optax.softmax_cross_entropy_with_integer_labels(model.logits(hidden), batch["targets"])
     expected = float((token_loss * mask).sum() / mask.sum())
     for capacity in (14, 20, 32):  # exactly the targets, rounded up, every position
-        weighted, sums = train.response_loss(model, hidden, batch, capacity)
-        metrics = train.loss_metrics({k: float(v) for k, v in sums.items()})
+        weighted, sums = train_step.response_loss(model, hidden, batch, capacity)
+        metrics = train_step.loss_metrics({k: float(v) for k, v in sums.items()})
         np.testing.assert_allclose([weighted, metrics["loss"], metrics["ce"]], [2 * expected] + [expected] * 2,
                                    rtol=1e-5)
         assert metrics["kl"] is None
     plan = [train_data.PlannedBatch(0, 16, (0, 1))]
     examples = [train_data.Example(np.zeros(17, np.int32), np.r_[0, mask[i]].astype(np.uint8), 1.0, False, "x", "x")
                 for i in range(2)]
-    assert train.target_capacities(examples, plan, batch_size=2, multiple=8) == {16: 16}
+    assert train_step.target_capacities(examples, plan, batch_size=2, multiple=8) == {16: 16}
 
 
 def test_matching_the_starting_model_costs_nothing_at_the_start_and_keeps_it_close(tiny_checkpoint, tmp_path):

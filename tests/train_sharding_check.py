@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ngsd_jax import train
+from ngsd_jax import train_state, train_step
 from ngsd_jax.config import config_from_hf
 from ngsd_jax.loading import load_model, save_params
 from ngsd_jax.lora import apply_lora
@@ -54,7 +54,7 @@ def model(method):
 
 
 def optimizer():
-    # The project's chain (train.make_optimizer). eps 1e-4 rather than 1e-8: where a gradient
+    # The project's chain (train_step.make_optimizer). eps 1e-4 rather than 1e-8: where a gradient
     # entry is at rounding level (an embedding row no token uses), Adam's m/sqrt(v) turns the
     # rounding differences of another reduction order into full-size, opposite steps.
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2, eps=1e-4, weight_decay=0.1))
@@ -72,7 +72,7 @@ def run_steps(method, mesh=None):
     if mesh is not None:
         opt_state = place_optimizer_state(opt, opt_state, trainable, mesh)
     shardings_before = [x.sharding for x in jax.tree.leaves(trainable)]
-    step = train.make_train_step(graph, opt, None if mesh is None else state_shardings(trainable, opt_state))
+    step = train_step.make_train_step(graph, opt, None if mesh is None else state_shardings(trainable, opt_state))
     arrays = batch() if mesh is None else place_batch(batch(), mesh)
     losses, norms = [], []
     for _ in range(2):
@@ -100,12 +100,12 @@ def checkpoints(tmp: Path):
     graph, trainable, frozen = nnx.split(m, nnx.Param, ...)
     opt = optimizer()
     opt_state = place_optimizer_state(opt, opt.init(trainable), trainable, source)
-    step = train.make_train_step(graph, opt)
+    step = train_step.make_train_step(graph, opt)
     trainable, opt_state, _ = step(trainable, opt_state, frozen, None, place_batch(batch(), source), capacity=128)
     saved = [np.asarray(x) for x in jax.tree.leaves((trainable, opt_state))]
     saved_q = np.asarray(nnx.merge(graph, trainable, frozen).layers[0].attn.q_proj.kernel[...])
-    manager = train.checkpoint_manager(tmp / "run")
-    train.save_state(manager, 1, trainable, opt_state, {"note": "saved on data=2,fsdp=2,tensor=2"})
+    manager = train_state.checkpoint_manager(tmp / "run")
+    train_state.save_state(manager, 1, trainable, opt_state, {"note": "saved on data=2,fsdp=2,tensor=2"})
     manager.close()
     save_params(nnx.merge(graph, trainable, frozen), tmp / "model")
     (tmp / "model" / "config.json").write_text(json.dumps(CONFIG.to_hf_dict()))
@@ -120,8 +120,8 @@ def checkpoints(tmp: Path):
         fresh_opt = opt.init(fresh_trainable)
         if target is not None:
             fresh_opt = place_optimizer_state(opt, fresh_opt, fresh_trainable, target)
-        restored_trainable, restored_opt, meta = train.restore_state(train.checkpoint_manager(tmp / "run"),
-                                                                     fresh_trainable, fresh_opt)
+        restored_trainable, restored_opt, meta = train_state.restore_state(
+            train_state.checkpoint_manager(tmp / "run"), fresh_trainable, fresh_opt)
         restored_q = nnx.merge(fresh_graph, restored_trainable, fresh_frozen).layers[0].attn.q_proj.kernel[...]
         loaded_q = load_model(tmp / "model", mesh=target).layers[0].attn.q_proj.kernel[...]
         out[name] = {
