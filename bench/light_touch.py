@@ -7,7 +7,7 @@ Prompts: the held-out split of the project's own data (train/data/*.jsonl): `har
 `benign` (near-misses and short questions) and `ordinary` (everyday instructions);
 `harmful` holds both the plain harmful requests and those in everyday task formats. JailbreakBench is not read here.
 
-Greedy decoding, keyword judge (bench/jbb_refusals.py `is_refusal`). Per condition and set:
+Greedy decoding, keyword judge (`ngsd_jax.judges.refusal_keywords`, as `python -m ngsd_jax.eval` uses). Per condition and set:
 refused, identical to the base's answer token for token, mean first differing token
 (identical answers count as the full length), share of prompts with at least one spike,
 mean spikes. Conditions: the base alone, the expert alone, NGSD at each fixed alpha and
@@ -22,16 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from jbb_refusals import is_refusal  # noqa: E402
+from ngsd_jax.judges import refusal_keywords  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent / "train" / "data"
 SETS = {"harmful": ("harmful.jsonl", "harmful_tasks.jsonl"), "benign": ("benign.jsonl",),
@@ -68,6 +66,7 @@ def main():
                         help="NGSD with alpha from these self-reflection modes (default: expert)")
     parser.add_argument("--alpha-levels", type=float, nargs=3, default=(0.1, 0.5, 0.9))
     parser.add_argument("--risk-thresholds", type=float, nargs=2, default=(5.0, 6.0))
+    parser.add_argument("--threshold", type=float, default=1.0, help="the neuron's threshold theta (paper: 1.0)")
     parser.add_argument("--auc", nargs="*", default=[], choices=["json", "logit", "expert"],
                         help="risk sources whose ROC AUC to measure")
     parser.add_argument("--expert-alone", action="store_true", help="also decode with the expert alone")
@@ -85,6 +84,7 @@ def main():
     from ngsd_jax.default_model import default_base_path, default_expert_path
     from ngsd_jax.engine import DecodeSettings, Engine
     from ngsd_jax.loading import load_model
+    from ngsd_jax.ngsd import GateConfig
     from ngsd_jax.reflection import AlphaMapping, ExpertRisk, reflect, refusal_opening_mask
     from ngsd_jax.tokenizer import encode_chat, load_tokenizer, stop_token_ids
 
@@ -101,6 +101,7 @@ def main():
     mapping = AlphaMapping(tuple(args.alpha_levels), tuple(args.risk_thresholds))
     expert_risk = ExpertRisk(refusal_opening_mask(tok, len(tok)), mapping)
     report = {"base": base_path, "expert": str(expert_path), "max_new_tokens": args.max_new_tokens,
+              "threshold": args.threshold,
               "mapping": {"levels": mapping.levels, "thresholds": mapping.thresholds},
               "sizes": {k: len(v) for k, v in sets.items()}, "conditions": {}, "auc": {}, "tv": {}}
     print(f"sets: {report['sizes']}; base {base_path}; expert {expert_path}", flush=True)
@@ -110,7 +111,8 @@ def main():
         for i in range(0, len(prompts), args.batch_size):
             chunk = prompts[i: i + args.batch_size]
             encoded = [encode_chat(tok, p) for p in chunk]
-            settings = DecodeSettings(mode=mode, max_new_tokens=args.max_new_tokens)
+            settings = DecodeSettings(mode=mode, max_new_tokens=args.max_new_tokens,
+                                      gate=GateConfig(threshold=args.threshold))
             risk = None
             if reflect_mode == "expert":
                 result = engine.decode(encoded, None, settings, expert_risk=expert_risk)
@@ -158,7 +160,7 @@ def main():
                 same = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
                 first_diff.append(args.max_new_tokens if x == y else same)
             stats = {
-                "refused": float(np.mean([is_refusal(t) for t in texts])),
+                "refused": float(np.mean([refusal_keywords(p, t) for p, t in zip(prompts, texts)])),
                 "identical": float(np.mean([a["tokens"] == b["tokens"] for a, b in zip(answers,
                                                                                      base_answers[set_name])])),
                 "mean_first_diff": float(np.mean(first_diff)),

@@ -43,6 +43,7 @@ class Recipe:
     distill_prompts: int | None = None  # benign train prompts answered by the base (None = all)
     distill_max_new_tokens: int = 64
     generation_batch: int = 64
+    refusal_prompts: int | None = None  # harmful train prompts trained as plain refusals (None = all)
     recovery_prompts: int | None = 64  # harmful train prompts whose base answer seeds recovery examples (None = all)
     recovery_prefix_tokens: list[int] = dataclasses.field(default_factory=lambda: [5, 10, 20, 40])
     recovery_prefixes_per_prompt: int | None = None  # prefix lengths per recovery prompt, in turn (None = all)
@@ -99,6 +100,7 @@ class Recipe:
             (self.recovery_prefixes_per_prompt is None or self.recovery_prefixes_per_prompt >= 1,
              "recovery_prefixes_per_prompt must be >= 1"),
             (self.ordinary_prompts is None or self.ordinary_prompts >= 0, "ordinary_prompts must be >= 0"),
+            (self.refusal_prompts is None or self.refusal_prompts >= 0, "refusal_prompts must be >= 0"),
             (bool(self.data) or bool(self.harmful_data) or bool(self.benign_data) or bool(self.ordinary_data),
              "no training data: set harmful_data/benign_data or give --data FILE"),
         ]

@@ -367,7 +367,7 @@ def build_default_records(harmful: Sequence[dict], benign: Sequence[dict], answe
                           recovery_ids: Sequence[str], recovery_prefix_tokens: Sequence[int],
                           prefixes_per_prompt: int | None, eot_id: int, tokenizer, harmful_weight: float,
                           benign_weight: float, recovery_weight: float, match_teacher: bool,
-                          recovery_separator: str = "") -> list[dict]:
+                          recovery_separator: str = "", refusal_ids: set[str] | None = None) -> list[dict]:
     """Training records: refusals for harmful prompts, the teacher's own answers for benign ones
     (to be matched token by token, or distribution by distribution with `match_teacher`), and
     deep-alignment recovery examples (the teacher's harmful start, then the refusal).
@@ -376,9 +376,10 @@ def build_default_records(harmful: Sequence[dict], benign: Sequence[dict], answe
     taken in turn from the list, so many prompts can share the lengths between them. A
     recovery refusal starts with `recovery_separator` (e.g. a paragraph break), so that the
     turn after the base's words reads as text ("Subject\n\nI can't ..." rather than
-    "SubjectI can't ...")."""
+    "SubjectI can't ..."). `refusal_ids` (None = all) picks the harmful prompts trained as plain
+    refusals; recovery prompts may be any harmful ones."""
     records = [{"kind": "refusal", "id": r["id"], "prompt": r["prompt"], "response": r["response"],
-                "weight": harmful_weight} for r in harmful]
+                "weight": harmful_weight} for r in harmful if refusal_ids is None or r["id"] in refusal_ids]
     for r in benign:
         answer = answers[r["id"]]
         ids = list(answer["response_ids"])
@@ -458,6 +459,9 @@ def build_default_dataset(recipe: Recipe, tokenizer, answers_from: BaseAnswers, 
     if recipe.ordinary_prompts is not None and recipe.ordinary_prompts < len(ordinary):
         ordinary = [ordinary[i] for i in sorted(rng.choice(len(ordinary), recipe.ordinary_prompts, replace=False))]
     benign = benign + ordinary
+    refusal_ids = None
+    if recipe.refusal_prompts is not None and recipe.refusal_prompts < len(harmful):
+        refusal_ids = {harmful[i]["id"] for i in rng.choice(len(harmful), recipe.refusal_prompts, replace=False)}
     by_id = {r["id"]: r for r in harmful}
     requests = [(r["id"], r["prompt"]) for r in benign] + [(rid, by_id[rid]["prompt"]) for rid in recovery]
     data_dir = run_dir / "data"
@@ -472,7 +476,7 @@ def build_default_dataset(recipe: Recipe, tokenizer, answers_from: BaseAnswers, 
         prefixes_per_prompt=recipe.recovery_prefixes_per_prompt, eot_id=eot, tokenizer=tokenizer,
         harmful_weight=recipe.harmful_weight, benign_weight=recipe.benign_weight,
         recovery_weight=recipe.recovery_weight, match_teacher=recipe.distill_loss == "kl",
-        recovery_separator=recipe.recovery_separator)
+        recovery_separator=recipe.recovery_separator, refusal_ids=refusal_ids)
     counts: dict[str, int] = {}
     for r in records:
         counts[r["kind"]] = counts.get(r["kind"], 0) + 1

@@ -191,6 +191,12 @@ def test_default_dataset_reads_file_lists_and_draws_the_ordinary_prompts(tokeniz
     distilled = [r["id"] for r in records if r["kind"] == "distill"]
     assert distilled[0] == "b0" and len(distilled) == 5 and set(distilled[1:]) < {f"o{i}" for i in range(9)}
 
+    recipe.refusal_prompts = 1  # one of the two harmful train prompts stays a plain refusal
+    path = train_data.build_default_dataset(recipe, tokenizer, answers_from, eot=0, run_dir=tmp_path / "run",
+                                            strict=True)
+    refusals = [json.loads(line)["id"] for line in path.read_text().splitlines() if '"refusal"' in line]
+    assert len(refusals) == 1 and refusals[0] in {"h0", "ht0"}
+
 
 def test_messages_and_prompt_response_records_agree(tokenizer):
     prompt, response = PAIRS[1]
