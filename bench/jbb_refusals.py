@@ -5,7 +5,10 @@ through `python -m ngsd_jax.eval` with the settings of README's quality table.
 
 PROMPTS.csv has a `Goal` column and a `label` column (0 = harmful, 1 = benign), as
 JailbreakBench's behaviours file does; `heldout` first writes the held-out split of the
-project's own training data (train/data/*.jsonl) to OUT/heldout.jsonl. Then it runs eval:
+project's own training data (train/data/*.jsonl: the sets of bench/light_touch.py, labelled
+harmful, benign and ordinary; eval counts every label but harmful as benign) to
+OUT/heldout.jsonl, `--per-set N` evenly spaced prompts of each set, and after eval prints
+each set's figures from OUT/samples.jsonl. Then it runs eval:
 greedy, 64 new tokens, batch 64, the base alone and NGSD at alpha 0.9, 0.5 and alpha from
 self-reflection (`--alpha-sweep 0.9,0.5,reflect`), the keyword judge; options given after
 the data set override these (e.g. `--limit 20`, `--reflect logit`, `--out DIR`).
@@ -18,22 +21,47 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from ngsd_jax import eval as evaluate
 
-DATA = Path(__file__).resolve().parent.parent / "train" / "data"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/light_touch.py
+from light_touch import SETS, heldout  # noqa: E402
+
 SETTINGS = ["--modes", "base,ngsd", "--alpha-sweep", "0.9,0.5,reflect", "--max-new-tokens", "64",
             "--batch-size", "64"]
 
 
-def write_heldout(path: Path) -> None:
-    """The held-out prompts of train/data as JSONL with a `label` of harmful or benign."""
+def write_heldout(path: Path, per_set: int = 0) -> dict[str, str]:
+    """The held-out prompts of train/data as JSONL with a `label` naming their set; returns
+    prompt -> set. `per_set` > 0 keeps that many evenly spaced prompts of each set."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    sets = {}
     with path.open("w", encoding="utf-8") as f:
-        for label in ("harmful", "benign"):
-            for line in (DATA / f"{label}.jsonl").read_text(encoding="utf-8").splitlines():
-                record = json.loads(line)
-                if record["split"] == "heldout":
-                    f.write(json.dumps({"prompt": record["prompt"], "label": label}) + "\n")
+        for name in SETS:
+            prompts = heldout(name)
+            if 0 < per_set < len(prompts):
+                prompts = [prompts[int(i)] for i in np.linspace(0, len(prompts) - 1, per_set)]
+            for prompt in prompts:
+                f.write(json.dumps({"prompt": prompt, "label": name}) + "\n")
+                sets[prompt] = name
+    return sets
+
+
+def print_per_set(samples: Path, sets: dict[str, str]) -> None:
+    rows = [json.loads(line) for line in samples.read_text(encoding="utf-8").splitlines()]
+    print("| condition | set | prompts | refused | identical to the base | first differing token (mean of "
+          "those that differ) | prompts with a spike |")
+    print("|---|---|---|---|---|---|---|")
+    for condition in dict.fromkeys(r["condition"] for r in rows):
+        for name in SETS:
+            mine = [r for r in rows if r["condition"] == condition and sets.get(r["prompt"]) == name]
+            m = evaluate.label_metrics(mine, name == "harmful")
+            if not mine:
+                continue
+            cells = [m["refusal_rate"], m["identical_to_base"], m["first_diff_mean"], m["spike_rate"]]
+            print(f"| {condition} | {name} | {m['n']} | " + " | ".join(
+                "-" if v is None else f"{v:.1f}" if i == 2 else f"{v:.1%}" for i, v in enumerate(cells)) + " |")
 
 
 def main(argv=None) -> int:
@@ -41,17 +69,21 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="labelled prompts (.csv), or `heldout`")
     parser.add_argument("--out", type=Path, help="output directory (default eval_out/jbb or eval_out/heldout)")
+    parser.add_argument("--per-set", type=int, default=0, help="heldout: N evenly spaced prompts of each set")
     args, passed_on = parser.parse_known_args(argv)
     if args.source == "heldout":
         out = args.out or Path("eval_out/heldout")
         dataset = out / "heldout.jsonl"
-        write_heldout(dataset)
+        sets = write_heldout(dataset, args.per_set)
         labels = ["--label-field", "label", "--harmful-label", "harmful"]
     else:
         out = args.out or Path("eval_out/jbb")
         dataset = Path(args.source)
         labels = ["--label-field", "label", "--harmful-label", "0"]
-    return evaluate.main(["--dataset", str(dataset), "--out", str(out), *labels, *SETTINGS, *passed_on])
+    status = evaluate.main(["--dataset", str(dataset), "--out", str(out), *labels, *SETTINGS, *passed_on])
+    if args.source == "heldout" and status == 0:
+        print_per_set(out / "samples.jsonl", sets)
+    return status
 
 
 if __name__ == "__main__":
