@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from ngsd_jax.config import ModelConfig, rope_inverse_frequencies
 
@@ -351,21 +350,14 @@ def _stack_in_place(layers: list[DecoderLayer]) -> DecoderLayer:
                  for layer in layers]
     for path, first in per_layer[0].items():
         variables = [variables[path] for variables in per_layer]
-        stacked = _stack([v[...] for v in variables])
+        # On a mesh the stack keeps its layers' placement, the layer axis whole (XLA propagates it).
+        stacked = jnp.stack([v[...] for v in variables])
         for v in variables[1:]:
             v.set_value(jnp.zeros((0,), v.dtype))  # released: the module is discarded
         first.set_value(stacked)
         if first.has_metadata("logical_axes"):
             first.set_metadata("logical_axes", ("layers",) + tuple(first.get_metadata()["logical_axes"]))
     return layers[0]
-
-
-def _stack(arrays):
-    stacked = jnp.stack(arrays)
-    sharding = getattr(arrays[0], "sharding", None) if isinstance(arrays[0], jax.Array) else None
-    if isinstance(sharding, NamedSharding):  # placed on a mesh: the layer axis is never split
-        stacked = jax.device_put(stacked, NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec)))
-    return stacked
 
 
 def stack_layers(model: Decoder) -> Decoder:
