@@ -3,6 +3,7 @@
 
     python bench/compile_time.py                       # SmolLM2-135M (30 layers), Qwen3-8B + Qwen3-1.7B (36 + 28)
     python bench/compile_time.py --pairs smollm2-135m --repeats 3
+    python bench/compile_time.py --pairs llama3.1-8b+llama3.2-1b --dtype bfloat16
 
 Each case builds a fresh engine over weightless models (`abstract_decoder`, parameters are
 `jax.ShapeDtypeStruct`s), so nothing is cached between cases and an 8B program compiles
@@ -11,7 +12,7 @@ without 16 GB of weights; it times `Engine.lower` (tracing to StableHLO) and `.c
 `ngsd` (base and a separate expert) and, for a pair whose expert has the base's shapes,
 `ngsd-adapter` (the expert as a LoRA adapter on the top 10 layers, rank 16, all linear
 projections: the default recipe's shapes). Repeats run round-robin over the cases; the
-median is printed. fp32, batch 1, a 128-token prompt, 128 new tokens.
+median is printed. Batch 1, a 128-token prompt, 128 new tokens, fp32 unless --dtype.
 """
 
 from __future__ import annotations
@@ -45,11 +46,12 @@ def zero_adapter(config) -> LoRAAdapter:
     return LoRAAdapter(ADAPTER_RANK, 64.0, weights, {}, "")
 
 
-def compile_seconds(pair: str, case: str, scan_layers: bool, prompt_len: int, new_tokens: int) -> tuple[float, float]:
+def compile_seconds(pair: str, case: str, scan_layers: bool, dtype, prompt_len: int,
+                    new_tokens: int) -> tuple[float, float]:
     """(lower seconds, compile seconds) of a fresh engine's decode program."""
     base_config, expert_config = (MODELS[m] for m in PAIRS[pair])
-    base = abstract_decoder(base_config, jnp.float32, scan_layers)
-    expert = abstract_decoder(expert_config, jnp.float32, scan_layers) if case == "ngsd" else None
+    base = abstract_decoder(base_config, dtype, scan_layers)
+    expert = abstract_decoder(expert_config, dtype, scan_layers) if case == "ngsd" else None
     adapter = zero_adapter(base_config) if case == "ngsd-adapter" else None
     vocab = min(base_config.vocab_size, expert_config.vocab_size)
     engine = Engine(base, expert, vocab, stop_ids=[], pad_id=0, adapter=adapter)
@@ -67,8 +69,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
-    print(f"backend {jax.default_backend()}, jax {jax.__version__}; fp32, batch 1, prompt {args.prompt}, "
+    print(f"backend {jax.default_backend()}, jax {jax.__version__}; {args.dtype}, batch 1, prompt {args.prompt}, "
           f"{args.new_tokens} new tokens, median of {args.repeats}", flush=True)
     cases = []
     for pair in args.pairs:
@@ -78,7 +81,7 @@ def main():
     times = {case: [] for case in cases}
     for _ in range(args.repeats):
         for case in cases:
-            times[case].append(compile_seconds(*case, args.prompt, args.new_tokens))
+            times[case].append(compile_seconds(*case, getattr(jnp, args.dtype), args.prompt, args.new_tokens))
             lower_s, compile_s = times[case][-1]
             print(f"  {case[0]} {case[1]} {'scanned' if case[2] else 'unrolled'}: lower {lower_s:.1f} s, "
                   f"compile {compile_s:.1f} s", flush=True)

@@ -69,7 +69,8 @@ class RMSNorm(nnx.Module):
 
 
 def tie_to_step(x, weight):
-    """Returns (x, weight) such that XLA cannot convert `weight` once for the whole decode loop.
+    """Returns (x, weight) such that XLA cannot convert `weight` (an array or a pytree of arrays) once
+    for the whole decode loop.
 
     XLA's CPU backend has no bf16 matmul: it converts both operands to fp32. A weight's
     conversion does not depend on the step, so loop-invariant code motion hoists it out of
@@ -80,7 +81,7 @@ def tie_to_step(x, weight):
     places it beside its matmul, into a buffer the next matmul reuses. fp32 weights and
     accelerators (native bf16 matmuls) skip the barrier.
     """
-    if weight.dtype == jnp.float32 or jax.default_backend() != "cpu":
+    if jax.default_backend() != "cpu" or all(w.dtype == jnp.float32 for w in jax.tree.leaves(weight)):
         return x, weight
     return jax.lax.optimization_barrier((x, weight))
 
@@ -329,10 +330,14 @@ class LayerStack(nnx.Module):
 
         def one_layer(x, inputs):
             i, layer_cache = inputs
+            # Tied to the step before slicing, or XLA converts whole bf16 stacks to fp32 once,
+            # outside the loop, on a CPU (see `tie_to_step`).
+            x, layers = tie_to_step(x, stacked)
             # Slicing layer i inside the loop keeps one copy of the weights: the other segment of a
-            # paired decoder (engine._paired_forward) scans other indices of the same arrays.
+            # paired decoder (engine._paired_forward) scans other indices of the same arrays. (XLA's
+            # CPU backend copies each slice out before its matmuls, which makes decoding slower.)
             layer = nnx.merge(graph, jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, i, keepdims=False),
-                                                  stacked))
+                                                  layers))
             if wrap is not None:
                 layer = wrap(layer, i)
             x, layer_cache = layer(x, positions, inv_freq, layer_cache)
