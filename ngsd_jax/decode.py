@@ -203,7 +203,7 @@ def add_decode_options(p: argparse.ArgumentParser, single_mode: bool = True) -> 
     gate.add_argument("--safedecoding-common", type=int, default=None, help="SafeDecoding: common tokens c (5)")
     models.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=False,
                         help="stack each model's layers and run them with lax.scan: compiles in a time flat in "
-                             "depth (about 13x faster for an 8B+1B pair on a CPU), decodes slower on a CPU "
+                             "depth (5x faster for the paper's 8B pairs on a CPU), decodes slower on a CPU "
                              "(default: unrolled layers; see BENCHMARKS.md)")
     models.add_argument("--expert-placement", choices=("sharded", "replicated"), default="sharded",
                         help="the expert's weights split over the mesh like the base's (default) or a copy on "
