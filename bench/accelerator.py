@@ -3,6 +3,7 @@
     python bench/accelerator.py                      # all three pairs, batch 1, 8, 32 (GPU/TPU)
     python bench/accelerator.py --pairs llama3.1-8b+llama3.2-1b --batch 1
     python bench/accelerator.py --tiny               # tiny shapes: runs on a CPU in seconds (tested)
+    python bench/accelerator.py --scan-layers        # the same with stacked, scanned layers (decode's flag)
 
 Synthetic bf16 weights at the shapes of Llama-2-7B + TinyLlama-1.1B, Llama-3.1-8B +
 Llama-3.2-1B and Qwen3-8B + Qwen3-1.7B (random, built on the device; nothing is
@@ -80,6 +81,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bandwidth", type=float, default=None, help="device bandwidth in GB/s (overrides the table)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--scan-layers", action="store_true", help="stacked layers run by lax.scan (decode's "
+                                                                    "--scan-layers) instead of unrolled ones")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes, batch 1 and 2, 16-token prompts, 8 new "
                                                             "tokens: checks the script on any backend")
     args = parser.parse_args()
@@ -95,14 +98,15 @@ def main():
           f"bandwidth {'unknown (pass --bandwidth)' if bandwidth is None else f'{bandwidth:.0f} GB/s'}"
           f"{' (--bandwidth)' if args.bandwidth else ''}")
     print(f"{args.dtype} synthetic weights, prompt {prompt_len} tokens (bucket {bucket_length(prompt_len)}), "
-          f"{n} new tokens, median of {args.repeats}\n", flush=True)
+          f"{n} new tokens, median of {args.repeats}, {'scanned' if args.scan_layers else 'unrolled'} layers\n",
+          flush=True)
     rows = []
     start_all = time.perf_counter()
     for pair in pairs:
         base_name, expert_name = PAIRS[pair]
         base, expert = synthetic_model(base_name, dtype, 0), synthetic_model(expert_name, dtype, 1)
         vocab = min(base.config.vocab_size, expert.config.vocab_size)
-        engine = Engine(base, expert, vocab_size=vocab, stop_ids=[], pad_id=0)
+        engine = Engine(base, expert, vocab_size=vocab, stop_ids=[], pad_id=0, scan_layers=args.scan_layers)
         rng = np.random.default_rng(0)
         cases = {}
         for batch in batches:

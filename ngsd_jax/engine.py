@@ -13,6 +13,11 @@ matmuls as one [2B, ...] batch, the adapter's low-rank delta added to the expert
 (`lora.attach_expert_rows`). When both row sets have the same prompt, the layers below the
 first adapted one compute the same hidden states for both, so they run once on [B] rows
 with one KV cache, and the rows are duplicated at the first adapted layer.
+
+`Engine(..., scan_layers=True)` stacks each model's layers (`model.stack_layers`) and runs
+them with `lax.scan`: one layer's operations in the program instead of one per layer, so
+compile time stays flat in depth (an adapter pair scans two segments: the layers below the
+first adapted one, then the adapted ones).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from ngsd_jax import reflection
 from ngsd_jax import sharding as sh
 from ngsd_jax.config import rope_inverse_frequencies
 from ngsd_jax.lora import LoRAAdapter, attach_expert_rows
-from ngsd_jax.model import Decoder, init_cache, tie_to_step
+from ngsd_jax.model import Decoder, init_cache, init_stacked_cache, stack_layers, tie_to_step
 
 MODES = ("ngsd", "base", "expert", "always", "safedecoding")
 # Powers of two and the 1.5x steps between them: a prompt pads by at most a third, since
@@ -148,6 +153,15 @@ def _paired_forward(model: Decoder, first_adapted: int, shared: bool, tokens, po
     tokens, table = tie_to_step(tokens, model.embedding[...])
     x = jnp.take(table, tokens, axis=0)
     inv_freq = jnp.asarray(rope_inverse_frequencies(model.config))
+    if model.scanned:
+        new_cache = []
+        for (start, stop), segment_cache in zip(_segments(model, first_adapted), cache):
+            if shared and start == first_adapted:
+                x, positions = jnp.concatenate([x, x]), jnp.concatenate([positions, positions])
+            wrap = model.expert_rows.wrap if start == first_adapted else None
+            x, segment_cache = model.layers(x, positions, inv_freq, segment_cache, start, stop, wrap)
+            new_cache.append(segment_cache)
+        return model.final_norm(x), tuple(new_cache)
     new_cache = []
     for i, layer in enumerate(model.layers):
         if shared and i == first_adapted:
@@ -157,7 +171,17 @@ def _paired_forward(model: Decoder, first_adapted: int, shared: bool, tokens, po
     return model.final_norm(x), tuple(new_cache)
 
 
+def _segments(model: Decoder, first_adapted: int) -> list[tuple[int, int]]:
+    """A scanned paired decoder's layer ranges: those below the first adapted layer (no adapter
+    there, and one row set when prompts are shared), then the adapted ones."""
+    return [(start, stop) for start, stop in ((0, first_adapted), (first_adapted, len(model.layers))) if stop > start]
+
+
 def _paired_cache(model: Decoder, first_adapted: int, shared: bool, batch: int, max_len: int):
+    if model.scanned:
+        return tuple(init_stacked_cache(model.config, stop - start, batch if shared and stop <= first_adapted
+                                        else 2 * batch, max_len, model.dtype)
+                     for start, stop in _segments(model, first_adapted))
     paired = init_cache(model.config, 2 * batch, max_len, model.dtype)
     if not shared:
         return paired
@@ -225,7 +249,7 @@ def _decode(base_graph, expert_graph, paired_graph, first_adapted, settings: Dec
     def prefill(model, prompt, lengths):
         if model is None:
             return placeholder, None
-        cache = init_cache(model.config, batch, prompt.shape[1] + n, model.dtype)
+        cache = model.new_cache(batch, prompt.shape[1] + n)
         return _prefill(model, prompt, lengths, cache)
 
     if paired is not None:
@@ -329,11 +353,13 @@ class Engine:
 
     The expert is either a model of its own or `adapter`, a LoRA adapter over `base`'s own
     weights (then `expert` is None and the pair streams one copy of the weights per step).
+    `scan_layers` stacks the models' layers IN PLACE (`model.stack_layers`) and scans them;
+    models stacked before run scanned whatever it says.
     """
 
     def __init__(self, base: Decoder | None, expert: Decoder | None, vocab_size: int, stop_ids, pad_id: int = 0,
                  early_stop_tables: es.EarlyStopTables | None = None, adapter: LoRAAdapter | None = None,
-                 mesh=None):
+                 mesh=None, scan_layers: bool = False):
         """`mesh` (a ngsd_jax.sharding mesh; models already placed on it with `shard_model`)
         splits the batch over its data and fsdp axes."""
         if base is None and expert is None:
@@ -345,6 +371,8 @@ class Engine:
             if model is not None and model.config.vocab_size < self.vocab_size:
                 raise ValueError(f"{name} model has {model.config.vocab_size} embedding rows, fewer than the "
                                  f"tokenizer's {self.vocab_size} tokens; the pair does not share a vocabulary")
+        if scan_layers:
+            base, expert = (None if m is None else stack_layers(m) for m in (base, expert))
         self.base_graph, self.base_params = nnx.split(base) if base is not None else (None, None)
         self.expert_graph, self.expert_params = nnx.split(expert) if expert is not None else (None, None)
         self.base_config = None if base is None else base.config
@@ -525,7 +553,7 @@ def _per_row(name: str, value, real: int, batch: int) -> np.ndarray:
 
 def _next_token_probabilities(graph, vocab_size, params, prompt, lengths):
     model = nnx.merge(graph, params)
-    cache = init_cache(model.config, prompt.shape[0], prompt.shape[1], model.dtype)
+    cache = model.new_cache(prompt.shape[0], prompt.shape[1])
     logits, _ = _prefill(model, prompt, lengths, cache)
     return _probabilities(logits, vocab_size)
 

@@ -253,19 +253,53 @@ class ExpertRowsLoRA(nnx.Module):
         return jnp.concatenate([y[:half], y[half:] + (self.scale * delta).astype(y.dtype)])
 
 
+class StackedExpertRows(nnx.Module):
+    """The adapter of a scanned paired decoder: per target projection, A and B stacked over the
+    layers from the first adapted one to the last ([layers, din, rank], [layers, rank, dout]),
+    zero for a layer or projection the adapter leaves alone (its delta is then exactly zero), so
+    that one scan body serves every layer of the segment."""
+
+    def __init__(self, adapter: LoRAAdapter, kernel_shapes: dict[str, tuple[int, int]], num_layers: int):
+        self.first = min(adapter.layers)
+        self.scale = adapter.scale
+        count = num_layers - self.first
+        a = {n: np.zeros((count, kernel_shapes[n][0], adapter.rank), np.float32) for n in adapter.targets}
+        b = {n: np.zeros((count, adapter.rank, kernel_shapes[n][1]), np.float32) for n in adapter.targets}
+        for (i, name), (a_i, b_i) in adapter.weights.items():
+            a[name][i - self.first], b[name][i - self.first] = a_i, b_i
+        self.lora_a = nnx.Dict({n: nnx.LoRAParam(jnp.asarray(x)) for n, x in a.items()})
+        self.lora_b = nnx.Dict({n: nnx.LoRAParam(jnp.asarray(x)) for n, x in b.items()})
+
+    def wrap(self, layer, i):
+        """Layer i (a traced index, inside `model.LayerStack`'s scan) with its expert rows attached."""
+        for name in self.lora_a:
+            owner = layer.attn if name in ATTENTION_PROJECTIONS else layer.mlp
+            a, b = (jax.lax.dynamic_index_in_dim(m[name][...], i - self.first, keepdims=False)
+                    for m in (self.lora_a, self.lora_b))
+            setattr(owner, name, ExpertRowsLoRA(getattr(owner, name), a, b, self.scale))
+        return layer
+
+
 def attach_expert_rows(base: Decoder, adapter: LoRAAdapter) -> Decoder:
     """A decoder over the SAME weight arrays as `base` (nothing is copied) whose adapted
     projections apply `adapter` to the second half of the batch: its rows [0, B) compute the
-    base, rows [B, 2B) the expert."""
+    base, rows [B, 2B) the expert. A scanned base keeps its stack and gets the adapter as
+    `expert_rows` (a `StackedExpertRows`)."""
     graph, state = nnx.split(base)
     paired = nnx.merge(graph, state)
+    kernels = {}
     for (i, name), (a, b) in sorted(adapter.weights.items()):
         if i >= len(paired.layers):
             raise ValueError(f"the adapter adapts layer {i}; the base has {len(paired.layers)} layers")
-        owner = paired.layers[i].attn if name in ATTENTION_PROJECTIONS else paired.layers[i].mlp
+        layer = paired.layers.layer if paired.scanned else paired.layers[i]
+        owner = layer.attn if name in ATTENTION_PROJECTIONS else layer.mlp
         linear = getattr(owner, name)
-        if tuple(linear.kernel.shape) != (a.shape[0], b.shape[1]):
+        kernels[name] = tuple(linear.kernel.shape[-2:])
+        if kernels[name] != (a.shape[0], b.shape[1]):
             raise ValueError(f"the adapter's layer {i} {name} is {a.shape[0]}x{b.shape[1]}, the base's "
-                             f"{linear.kernel.shape[0]}x{linear.kernel.shape[1]}")
-        setattr(owner, name, ExpertRowsLoRA(linear, a, b, adapter.scale))
+                             f"{kernels[name][0]}x{kernels[name][1]}")
+        if not paired.scanned:
+            setattr(owner, name, ExpertRowsLoRA(linear, a, b, adapter.scale))
+    if paired.scanned:
+        paired.expert_rows = StackedExpertRows(adapter, kernels, len(paired.layers))
     return paired

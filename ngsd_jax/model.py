@@ -7,12 +7,19 @@ head_dim]` pair per layer, written at each sequence's own position. Heads come b
 positions so that attention reads the cache in place; position-major would make XLA
 transpose every layer's whole cache at every step.
 
+With `stack_layers` the layers are instead ONE `DecoderLayer` whose parameters carry a
+leading "layers" axis, run by `jax.lax.scan` (`LayerStack`): the program then holds one
+layer's operations however deep the model is, so compile time stays flat in depth. Its KV
+cache is one `StackedKV` pair of `[layers, batch, kv_heads, max_len, head_dim]` arrays.
+
 Padding convention: prompts are right-padded. A query at position p attends keys at
 positions <= p only, so a padded slot is never read before the sequence writes its own
 token there, and rotary positions stay 0..len-1 for every sequence.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,11 +32,24 @@ from ngsd_jax.config import ModelConfig, rope_inverse_frequencies
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
 
 
+class StackedKV(NamedTuple):
+    """The KV cache of a `LayerStack`: keys and values of consecutive layers, each [layers, batch,
+    kv_heads, max_len, head_dim] (its own type, so that the batch is known to be the second axis)."""
+
+    keys: jax.Array
+    values: jax.Array
+
+
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
     # No sliding-window check here: slots past a sequence's real length are masked, so a cache
     # longer than the window is exact; callers check the real lengths (Engine.decode).
     shape = (batch, config.num_kv_heads, max_len, config.head_dim)
     return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers))
+
+
+def init_stacked_cache(config: ModelConfig, num_layers: int, batch: int, max_len: int, dtype=jnp.float32) -> StackedKV:
+    shape = (num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
+    return StackedKV(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
 def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
@@ -49,7 +69,8 @@ class RMSNorm(nnx.Module):
 
 
 def tie_to_step(x, weight):
-    """Returns (x, weight) such that XLA cannot convert `weight` once for the whole decode loop.
+    """Returns (x, weight) such that XLA cannot convert `weight` (an array or a pytree of arrays) once
+    for the whole decode loop.
 
     XLA's CPU backend has no bf16 matmul: it converts both operands to fp32. A weight's
     conversion does not depend on the step, so loop-invariant code motion hoists it out of
@@ -60,7 +81,7 @@ def tie_to_step(x, weight):
     places it beside its matmul, into a buffer the next matmul reuses. fp32 weights and
     accelerators (native bf16 matmuls) skip the barrier.
     """
-    if weight.dtype == jnp.float32 or jax.default_backend() != "cpu":
+    if jax.default_backend() != "cpu" or all(w.dtype == jnp.float32 for w in jax.tree.leaves(weight)):
         return x, weight
     return jax.lax.optimization_barrier((x, weight))
 
@@ -256,11 +277,25 @@ class Decoder(nnx.Module):
         tokens, table = tie_to_step(tokens, self.embedding[...])
         x = jnp.take(table, tokens, axis=0)
         inv_freq = jnp.asarray(rope_inverse_frequencies(self.config))
+        if self.scanned:
+            x, cache = self.layers(x, positions, inv_freq, cache)
+            return self.final_norm(x), cache
         new_cache = []
         for i, layer in enumerate(self.layers):
             x, layer_cache = layer(x, positions, inv_freq, None if cache is None else cache[i])
             new_cache.append(layer_cache)
         return self.final_norm(x), (None if cache is None else tuple(new_cache))
+
+    @property
+    def scanned(self) -> bool:
+        """Whether the layers are stacked and scanned (`stack_layers`) rather than unrolled."""
+        return isinstance(self.layers, LayerStack)
+
+    def new_cache(self, batch: int, max_len: int):
+        """An empty KV cache in this decoder's layout (per layer, or stacked when scanned)."""
+        if self.scanned:
+            return init_stacked_cache(self.config, self.config.num_layers, batch, max_len, self.dtype)
+        return init_cache(self.config, batch, max_len, self.dtype)
 
     def logits(self, hidden):
         # A tied head contracts the embedding table's own rows: a transposed copy of the table
@@ -275,6 +310,74 @@ class Decoder(nnx.Module):
         return self.embedding[...].dtype
 
 
-def abstract_decoder(config: ModelConfig, dtype=jnp.float32) -> Decoder:
-    """The module's structure and shapes without allocating weights (for loading into)."""
+class LayerStack(nnx.Module):
+    """Consecutive decoder layers as ONE `DecoderLayer` whose parameters carry a leading "layers"
+    axis, run by `jax.lax.scan`. Built by `stack_layers`, which consumes the per-layer modules."""
+
+    def __init__(self, layers: list[DecoderLayer]):
+        self.num_layers = len(layers)
+        self.layer = _stack_in_place(layers)
+
+    def __len__(self) -> int:
+        return self.num_layers
+
+    def __call__(self, x, positions, inv_freq, cache: StackedKV | None, start: int = 0, stop: int | None = None,
+                 wrap=None):
+        """Runs layers [start, stop) (all by default); `cache` holds exactly those layers. `wrap(layer,
+        i)`, given, returns layer i's module to run (the adapter's expert rows use it)."""
+        stop = self.num_layers if stop is None else stop
+        graph, stacked = nnx.split(self.layer)
+
+        def one_layer(x, inputs):
+            i, layer_cache = inputs
+            # Tied to the step before slicing, or XLA converts whole bf16 stacks to fp32 once,
+            # outside the loop, on a CPU (see `tie_to_step`).
+            x, layers = tie_to_step(x, stacked)
+            # Slicing layer i inside the loop keeps one copy of the weights: the other segment of a
+            # paired decoder (engine._paired_forward) scans other indices of the same arrays. (XLA's
+            # CPU backend copies each slice out before its matmuls, which makes decoding slower.)
+            layer = nnx.merge(graph, jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, i, keepdims=False),
+                                                  layers))
+            if wrap is not None:
+                layer = wrap(layer, i)
+            x, layer_cache = layer(x, positions, inv_freq, layer_cache)
+            return x, None if layer_cache is None else StackedKV(*layer_cache)
+
+        return jax.lax.scan(one_layer, x, (jnp.arange(start, stop), cache))
+
+
+def _stack_in_place(layers: list[DecoderLayer]) -> DecoderLayer:
+    """Turns layers[0] into the stack of all `layers` (each parameter [len(layers), ...], its logical
+    axes led by "layers") and empties the others. Parameter by parameter, each layer's array is
+    released once it is copied into the stack, so that at most one parameter's worth of layers is
+    held twice: an 8B model is never in memory twice."""
+    per_layer = [{path: node for path, node in nnx.iter_graph(layer) if isinstance(node, nnx.Variable)}
+                 for layer in layers]
+    for path, first in per_layer[0].items():
+        variables = [variables[path] for variables in per_layer]
+        # On a mesh the stack keeps its layers' placement, the layer axis whole (XLA propagates it).
+        stacked = jnp.stack([v[...] for v in variables])
+        for v in variables[1:]:
+            v.set_value(jnp.zeros((0,), v.dtype))  # released: the module is discarded
+        first.set_value(stacked)
+        if first.has_metadata("logical_axes"):
+            first.set_metadata("logical_axes", ("layers",) + tuple(first.get_metadata()["logical_axes"]))
+    return layers[0]
+
+
+def stack_layers(model: Decoder) -> Decoder:
+    """Stacks the model's layers in place for `jax.lax.scan` (see `LayerStack`); returns the model.
+
+    In place, so that the weights exist once: an engine or paired decoder built over the model
+    before must not be used after. Loading, LoRA training and export work on per-layer models;
+    stack after them. A model already stacked is returned as it is."""
+    if not model.scanned:
+        model.layers = LayerStack(list(model.layers))
+    return model
+
+
+def abstract_decoder(config: ModelConfig, dtype=jnp.float32, scan_layers: bool = False) -> Decoder:
+    """The module's structure and shapes without allocating weights (for loading into, or lowering)."""
+    if scan_layers:
+        return nnx.eval_shape(lambda: stack_layers(Decoder(config, dtype, nnx.Rngs(0))))
     return nnx.eval_shape(lambda: Decoder(config, dtype, nnx.Rngs(0)))

@@ -10,6 +10,8 @@ onto a ("data", "fsdp", "tensor") mesh:
 - "fsdp" shards each weight's other (embed) dimension; XLA gathers a layer's weights
   where it uses them, so weights take 1/(fsdp*tensor) of a device at rest.
 - "batch" goes over data and fsdp together, so fsdp devices work on different rows too.
+- "layers", the leading axis of stacked (scanned) layers, is never split: each device holds
+  every layer's slice, as it does unstacked.
 
 The engine and the train step carry no layout of their own: parameters and inputs enter
 their jitted programs already placed, and XLA propagates those shardings to activations,
@@ -27,7 +29,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from ngsd_jax.model import Decoder
+from ngsd_jax.model import Decoder, StackedKV
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -40,6 +42,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("norm", None),
+    ("layers", None),
 )
 
 # How a model's parameters are laid out on the mesh: "sharded" per LOGICAL_RULES, or
@@ -186,11 +189,18 @@ def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
 
 def constrain_batch(tree, mesh: Mesh | None):
     """Inside a jitted program: every array of `tree` with a leading batch dimension (ndim >= 1)
-    is split over the batch axes; scalars are left alone. No-op without a mesh."""
+    is split over the batch axes, a stacked cache (`StackedKV`, batch second) over its second;
+    scalars are left alone. No-op without a mesh."""
     if mesh is None:
         return tree
-    return jax.tree.map(lambda x: x if x.ndim == 0 else jax.lax.with_sharding_constraint(
-        x, NamedSharding(mesh, batch_spec(x.ndim))), tree)
+
+    def constrain(x):
+        if isinstance(x, StackedKV):
+            return StackedKV(*(jax.lax.with_sharding_constraint(
+                a, NamedSharding(mesh, PartitionSpec(None, *batch_spec(a.ndim - 1)))) for a in x))
+        return x if x.ndim == 0 else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, batch_spec(x.ndim)))
+
+    return jax.tree.map(constrain, tree, is_leaf=lambda x: isinstance(x, StackedKV))
 
 
 def pad_batch(batch: int, mesh: Mesh | None) -> int:

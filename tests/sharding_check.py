@@ -2,8 +2,8 @@
 be set before jax initialises, which the pytest process has already done).
 
 Decodes a tiny random Llama pair in mode "ngsd" on one device, then again with both models
-loaded straight onto several (data, fsdp, tensor) meshes, and prints what the test asserts
-on as JSON.
+loaded straight onto several (data, fsdp, tensor) meshes, and once with scanned (stacked)
+layers on one mesh, and prints what the test asserts on as JSON.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ def tiny_llama(seed: int, directory: str):
     LlamaForCausalLM(config).eval().save_pretrained(directory)
 
 
-def decode(base, expert, mesh=None):
-    engine = Engine(base, expert, vocab_size=256, stop_ids=[2], mesh=mesh)
+def decode(base, expert, mesh=None, scan_layers=False):
+    engine = Engine(base, expert, vocab_size=256, stop_ids=[2], mesh=mesh, scan_layers=scan_layers)
     calls = []
     program = engine._jitted
     engine._jitted = lambda *args: calls.append(args) or program(*args)  # keeps the arguments for lowering
@@ -53,6 +53,11 @@ def cache_shapes(hlo: str) -> list[list[int]]:
     """The per-device [rows, kv heads] of every KV-cache-shaped buffer ([*, *, 16 + 16, head_dim 16])
     in the partitioned program."""
     return sorted({(int(b), int(h)) for b, h in re.findall(r"f32\[(\d+),(\d+),32,16\]", hlo)})
+
+
+def stacked_cache_shapes(hlo: str) -> list[list[int]]:
+    """The same for stacked caches ([2 layers, rows, kv heads, 32, 16])."""
+    return sorted({(int(b), int(h)) for b, h in re.findall(r"f32\[2,(\d+),(\d+),32,16\]", hlo)})
 
 
 def forward_logits(model, tokens):
@@ -110,6 +115,12 @@ def main():
                 "embedding_spec": spec(base.embedding[...]),
                 "expert_q_spec": spec(expert.layers[0].attn.q_proj.kernel[...]),
             }
+        mesh = make_mesh(parse_mesh("data=2,fsdp=2,tensor=2", jax.device_count()))
+        base, expert = load_model(base_dir, mesh=mesh), load_model(expert_dir, mesh=mesh)
+        scanned, _, hlo = decode(base, expert, mesh, scan_layers=True)
+        out["scanned"] = {"tokens_equal": bool(np.array_equal(reference.tokens, scanned.tokens)),
+                          "q_spec": spec(base.layers.layer.attn.q_proj.kernel[...]),
+                          "cache_shapes": stacked_cache_shapes(hlo)}
     json.dump(out, sys.stdout)
 
 

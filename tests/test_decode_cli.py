@@ -397,3 +397,22 @@ def test_the_default_pair_decodes_with_its_preset_and_named_models_with_the_pape
     named = decode.resolve_options(parser.parse_args(["--prompt", "hi", "--base", base, "--expert", expert]))
     assert named.reflect == "json" and named.alpha_levels == (0.1, 0.5, 0.9)
     assert decode.resolve_options(parser.parse_args(["--prompt", "hi", "--reflect", "json"])).reflect == "json"
+
+
+def test_scan_layers_flag_decodes_the_same_tokens(pair, capsys, monkeypatch):
+    from ngsd_jax import engine
+
+    stacked, stack_layers = [], engine.stack_layers
+    monkeypatch.setattr(engine, "stack_layers", lambda model: stacked.append(model) or stack_layers(model))
+    base, expert = pair
+    args = ["--base", base, "--expert", expert, "--max-new-tokens", "10", "--json", "--reflect", "logit"]
+    for p in PROMPTS:
+        args += ["--prompt", p]
+    outputs = []
+    for flag in ("--no-scan-layers", "--scan-layers"):
+        code, out, err = _run(capsys, *args, flag)
+        assert code == 0, err
+        outputs.append([json.loads(line) for line in out.splitlines()])
+    assert [r["tokens"] for r in outputs[1]] == [r["tokens"] for r in outputs[0]]
+    assert len(stacked) == 2 and all(model.scanned for model in stacked)  # base and expert, with the flag only
+    assert sum(r["spikes"] for r in outputs[0]) > 0  # the expert steered, so both models ran

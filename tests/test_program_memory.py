@@ -9,6 +9,7 @@ keeps an fp32 copy of every weight (twice a bf16 model's size) in its temporarie
 from __future__ import annotations
 
 import jax.numpy as jnp
+import pytest
 
 from ngsd_jax.config import ModelConfig
 from ngsd_jax.engine import DecodeSettings, Engine
@@ -26,11 +27,14 @@ def _layer_params(config: ModelConfig) -> int:
     return d * h * (2 * config.num_heads + 2 * config.num_kv_heads) + 3 * d * config.intermediate_size
 
 
-def test_bf16_decode_program_keeps_no_fp32_copy_of_the_weights():
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_bf16_decode_program_keeps_no_fp32_copy_of_the_weights(scan_layers):
     # Deep and wide enough that the weights dwarf the KV caches and activations, so a copy of
     # them cannot hide under the bound; one model with an untied head, one with a tied one.
+    # Scanned: the layers' stacks must not be converted whole either.
     base, expert = _config(4, 256, 1024, tie=False), _config(3, 128, 512, tie=True)
-    engine = Engine(abstract_decoder(base, jnp.bfloat16), abstract_decoder(expert, jnp.bfloat16),
+    engine = Engine(abstract_decoder(base, jnp.bfloat16, scan_layers), abstract_decoder(expert, jnp.bfloat16,
+                                                                                         scan_layers),
                     vocab_size=1024, stop_ids=[], pad_id=0)
     prompt, new_tokens = 16, 16
     stats = engine.lower([[1] * prompt], DecodeSettings(mode="ngsd", max_new_tokens=new_tokens)).compile()

@@ -87,9 +87,17 @@ def test_expert_placed_apart_from_base(result):
     assert r["expert_q_spec"] == [] and r["q_spec"] == ["fsdp", "tensor"]
 
 
+def test_scanned_layers_decode_on_a_mesh_with_the_layer_axis_whole(result):
+    r = result["scanned"]  # data=2,fsdp=2,tensor=2
+    assert r["tokens_equal"]
+    assert r["q_spec"] == [None, "fsdp", "tensor"]
+    assert {b for b, _ in r["cache_shapes"]} == {1}  # the stacked caches too hold each device's rows only
+
+
 def test_partition_spec_rules():
     assert tuple(partition_spec(("embed", "mlp"))) == ("fsdp", "tensor")
     assert tuple(partition_spec(("norm",))) == (None,)
+    assert tuple(partition_spec(("layers", "embed", "heads"))) == (None, "fsdp", "tensor")
     assert tuple(partition_spec(("batch", "unlisted", "vocab"), LOGICAL_RULES)) == (("data", "fsdp"), None, "tensor")
 
 
