@@ -503,7 +503,7 @@ class Engine:
 
     def _place_batch(self, inputs: dict) -> dict:
         """The per-sequence host arrays onto the mesh, split over its batch axes (the rest replicated)."""
-        return {k: sh.place(x, sh.batch_sharding(self.mesh, x.ndim)) if k in _PER_SEQUENCE else x
+        return {k: sh.place_rows(x, sh.batch_sharding(self.mesh, x.ndim)) if k in _PER_SEQUENCE else x
                 for k, x in inputs.items()}
 
 

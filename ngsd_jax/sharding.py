@@ -154,6 +154,17 @@ def place(array, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
+def place_rows(array, sharding: NamedSharding) -> jax.Array:
+    """A host array whose leading dimension is the batch onto its devices, this process giving
+    only the rows its devices hold (`distributed.process_rows`); every process holds the whole
+    host array (each tokenises every prompt, so all agree on the batch's bucket and width)."""
+    from ngsd_jax.distributed import process_rows
+
+    array = np.asarray(array)
+    return jax.make_array_from_process_local_data(sharding, array[process_rows(sharding, array.shape)],
+                                                  array.shape)
+
+
 def put(value, sharding: NamedSharding) -> jax.Array:
     """`value` (a host array or a device array) placed per `sharding`. A value on one device
     goes through the host, which also works when the mesh spans other hosts' devices."""

@@ -29,7 +29,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -110,11 +109,12 @@ def run(args) -> int:
     output = args.output or checkpoints_dir() / recipe.name
     hf_output = None if args.no_hf_export else (args.hf_output or checkpoints_dir() / f"{recipe.name}-hf")
     run_dir = (args.run_dir or checkpoints_dir() / "runs" / recipe.name).absolute()
-    check_run_dir(run_dir, recipe, args.resume, args.overwrite)
 
     from ngsd_jax import distributed
 
     distributed.initialize(args.multi_host)  # before any other jax call
+    distributed.check_shared_directory(run_dir, "--run-dir")
+    check_run_dir(run_dir, recipe, args.resume, args.overwrite)
     import jax.numpy as jnp
 
     from ngsd_jax.engine import Engine
@@ -232,7 +232,9 @@ def train(recipe: Recipe, model, examples, run_dir: Path, pad_id: int, resume: b
     capacities = target_capacities(examples, plan, recipe.batch_size)
     bar = tqdm(total=total, initial=start, unit="step", desc="training", dynamic_ncols=True, disable=not is_primary())
     rate = None
-    with StopRequest() as stop, open(metrics_path, "a", encoding="utf-8") as log:
+    # Every process runs the loop; process 0 alone keeps the log (the others write to nowhere).
+    log_path = metrics_path if is_primary() else os.devnull
+    with StopRequest() as stop, open(log_path, "a", encoding="utf-8") as log:
         step = start
         while step < total:
             batch = plan[step]
@@ -272,9 +274,11 @@ def train(recipe: Recipe, model, examples, run_dir: Path, pad_id: int, resume: b
 def write_expert(model, tokenizer, output: Path, hf_output: Path | None, provenance: dict) -> None:
     """The project checkpoint (config.json, tokenizer, params/ with any LoRA merged in,
     ngsd_train.json, and for a LoRA expert its adapter in adapter/), staged next to `output`
-    and moved in whole, then the Hugging Face export."""
+    and moved in whole, then the Hugging Face export. Every process takes part (the weights
+    are gathered or saved collectively); process 0 alone writes the files and moves them."""
     from flax import nnx
 
+    from ngsd_jax.distributed import barrier, is_primary
     from ngsd_jax.loading import export_hf, save_params
     from ngsd_jax.lora import ADAPTER_SUBDIR, LoRALinear, extract_adapter, merge_lora, save_adapter
 
@@ -283,27 +287,35 @@ def write_expert(model, tokenizer, output: Path, hf_output: Path | None, provena
     adapter = extract_adapter(model) if has_lora else None
     model = merge_lora(model)
     output = output.absolute()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".partial"))
+    primary = is_primary()
+    # One name for every process: orbax saves each one's shards of params/ into the same directory.
+    staging = output.with_name(f".{output.name}.partial")
+    if primary:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+    barrier("expert staging created")
     try:
-        (staging / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2))
-        tokenizer.save_pretrained(str(staging))
+        if primary:
+            (staging / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2))
+            tokenizer.save_pretrained(str(staging))
+            (staging / "ngsd_train.json").write_text(json.dumps(provenance, indent=2) + "\n")
+            if adapter is not None:
+                save_adapter(adapter, staging / ADAPTER_SUBDIR)
         save_params(model, staging)
-        (staging / "ngsd_train.json").write_text(json.dumps(provenance, indent=2) + "\n")
-        if adapter is not None:
-            save_adapter(adapter, staging / ADAPTER_SUBDIR)
-        if output.exists():
+        if primary and output.exists():
             aside = output.with_name(f".{output.name}.replaced-{int(time.time())}")
             os.replace(output, aside)
             os.replace(staging, output)
             shutil.rmtree(aside, ignore_errors=True)
-        else:
+        elif primary:
             os.replace(staging, output)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if primary:
+            shutil.rmtree(staging, ignore_errors=True)
+    barrier("expert written")
     if hf_output is not None:
         export_hf(model, hf_output, tokenizer)
-
 
 if __name__ == "__main__":
     sys.exit(main())

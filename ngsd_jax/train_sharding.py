@@ -56,8 +56,9 @@ def state_shardings(trainable, opt_state):
 
 
 def place_batch(arrays: dict, mesh: Mesh) -> dict:
-    """A collated batch ([batch_size, width] host arrays) with its rows split over (data, fsdp)."""
-    return {k: sh.place(x, sh.batch_sharding(mesh, x.ndim)) for k, x in arrays.items()}
+    """A collated batch ([batch_size, width] host arrays) with its rows split over (data, fsdp),
+    each process placing its own rows."""
+    return {k: sh.place_rows(x, sh.batch_sharding(mesh, x.ndim)) for k, x in arrays.items()}
 
 
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:
