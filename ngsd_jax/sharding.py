@@ -175,13 +175,31 @@ def put(value, sharding: NamedSharding) -> jax.Array:
     return place(value, sharding)
 
 
+def lora_axes(model: Decoder) -> dict[int, tuple]:
+    """The logical axes of every LoRA adapter matrix in `model` (keyed by the id of its variable),
+    for training's adapters and an adapter expert's alike: A [in, rank] split like its kernel's
+    input dimension, B [rank, out] like its output dimension; the rank is whole everywhere, so
+    the low-rank product needs no more communication than the kernel's own matmul."""
+    axes = {}
+    for _, node in nnx.iter_graph(model):
+        if all(hasattr(node, name) for name in ("base", "lora_a", "lora_b")):
+            in_axis, out_axis = node.base.kernel.get_metadata()["logical_axes"]
+            axes[id(node.lora_a)] = (in_axis, None)
+            axes[id(node.lora_b)] = (None, out_axis)
+    return axes
+
+
 def shard_model(model: Decoder, mesh: Mesh, placement: str = "sharded") -> Decoder:
-    """Places every parameter of `model` on `mesh`, in place; returns the model."""
+    """Places every parameter of `model` (LoRA adapters included, see `lora_axes`) on `mesh`, in
+    place; returns the model."""
     if placement not in PLACEMENTS:
         raise MeshError(f"unknown placement '{placement}'; choose one of {', '.join(PLACEMENTS)}")
+    adapters = lora_axes(model)
     for _, var in nnx.iter_graph(model):
         if isinstance(var, nnx.Param):
-            var.set_value(put(var[...], parameter_sharding(model.config, var, mesh, placement)))
+            axes = adapters.get(id(var)) or var.get_metadata()["logical_axes"]
+            spec = parameter_spec(model.config, var.shape, axes, mesh, placement)
+            var.set_value(put(var[...], NamedSharding(mesh, spec)))
     return model
 
 

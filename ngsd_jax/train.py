@@ -179,6 +179,7 @@ def train(recipe: Recipe, model, examples, run_dir: Path, pad_id: int, resume: b
     from tqdm import tqdm
 
     from ngsd_jax import train_data as td
+    from ngsd_jax import sharding as sh
     from ngsd_jax import train_sharding as ts
     from ngsd_jax.distributed import is_primary
     from ngsd_jax.lora import apply_lora
@@ -193,7 +194,7 @@ def train(recipe: Recipe, model, examples, run_dir: Path, pad_id: int, resume: b
     else:
         trainable_filter = nnx.Param
     if mesh is not None:
-        ts.place_model(model, mesh)
+        sh.shard_model(model, mesh)
     graph, trainable, frozen = nnx.split(model, trainable_filter, ...)
     # The starting point, kept as its own buffers (the trained state is donated) when some loss
     # matches the starting model's distributions.
