@@ -13,11 +13,6 @@ from __future__ import annotations
 import os
 import sys
 
-# Set by the Cloud TPU runtime on every worker of a slice (comma-separated host names), and
-# by a user who starts the coordinator themselves.
-_MULTI_HOST_ENV = ("TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS")
-
-
 def add_arguments(parser) -> None:
     group = parser.add_argument_group("devices")
     group.add_argument("--mesh", default=None, metavar="data=D,fsdp=F,tensor=T",
@@ -28,11 +23,15 @@ def add_arguments(parser) -> None:
                        help="memory of one device for the memory plan (e.g. 16GiB); default: what the device "
                             "reports (TPU, GPU), unchecked on CPU")
     group.add_argument("--multi-host", action="store_true", default=None,
-                       help="call jax.distributed.initialize() (automatic when a multi-host TPU slice is detected)")
+                       help="call jax.distributed.initialize(), so that the mesh spans every host's devices: needed "
+                            "on a multi-host Cloud TPU VM slice (jax finds the workers in the VM's metadata); "
+                            "automatic where TPU_WORKER_HOSTNAMES lists several hosts (GKE) or "
+                            "JAX_COORDINATOR_ADDRESS is set")
 
 
 def is_multi_host_launch(environ=os.environ) -> bool:
-    """A TPU slice of several workers, or an explicitly given coordinator."""
+    """A TPU slice of several workers as GKE describes it (TPU_WORKER_HOSTNAMES), or a coordinator
+    the user started. A Cloud TPU VM sets neither: there --multi-host says so."""
     hosts = environ.get("TPU_WORKER_HOSTNAMES", "")
     return len([h for h in hosts.split(",") if h.strip()]) > 1 or bool(environ.get("JAX_COORDINATOR_ADDRESS"))
 
@@ -120,8 +119,14 @@ def choose_mesh(mesh_flag: str | None, plan_for, capacity: int | None):
     import jax
 
     from ngsd_jax.memory import default_mesh
-    from ngsd_jax.sharding import parse_mesh
+    from ngsd_jax.sharding import MeshError, parse_mesh
 
     if mesh_flag:
-        return parse_mesh(mesh_flag, jax.device_count())
+        try:
+            return parse_mesh(mesh_flag, jax.device_count())
+        except MeshError as err:
+            if jax.process_count() == 1 and parse_mesh(mesh_flag).size > jax.device_count():
+                raise MeshError(f"{err}; on a multi-host slice add --multi-host, so that the mesh spans every "
+                                f"host's devices") from None
+            raise
     return default_mesh(jax.device_count(), plan_for, capacity)

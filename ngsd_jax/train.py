@@ -113,7 +113,9 @@ def run(args) -> int:
     from ngsd_jax import distributed
 
     distributed.initialize(args.multi_host)  # before any other jax call
+    # Orbax writes each process's shards of the training state and of the expert into one directory.
     distributed.check_shared_directory(run_dir, "--run-dir")
+    distributed.check_shared_directory(Path(output).absolute().parent, "--output")
     check_run_dir(run_dir, recipe, args.resume, args.overwrite)
     import jax.numpy as jnp
 

@@ -55,6 +55,13 @@ def test_decode_cli_refuses_what_does_not_fit_naming_a_mesh(chat_pair):
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --mesh data=3 uses 3")
 
 
+def test_a_mesh_larger_than_this_host_names_multi_host(chat_pair, capsys):
+    # This process has one device; a mesh of more is what a slice's worker sees without --multi-host.
+    assert decode.main([*_decode_args(chat_pair), "--mesh", "data=2,tensor=2"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: --mesh data=2,tensor=2 uses 4 devices but there are 1") and "--multi-host" in error
+
+
 CONFIG = config_from_hf({"model_type": "llama", "vocab_size": 32000, "hidden_size": 512, "intermediate_size": 2048,
                          "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 8,
                          "max_position_embeddings": 4096})
