@@ -164,10 +164,9 @@ def run(args) -> int:
     provenance = {"recipe": dataclasses.asdict(recipe), "base": str(base_path), "expert_init": str(init_path),
                   "examples": len(examples), "run_dir": str(run_dir)}
     write_expert(trained, tokenizer, output, hf_output, provenance)
-    print(f"ngsd-jax train: expert written to {output}" + (f" and {hf_output}" if hf_output else "") +
-          f" in {time.monotonic() - started:.0f} s (data {data_done - started:.0f} s, "
-          f"training {train_done - data_done:.0f} s, export {time.monotonic() - train_done:.0f} s)",
-          file=sys.stderr)
+    distributed.say(f"ngsd-jax train: expert written to {output}" + (f" and {hf_output}" if hf_output else "") +
+                    f" in {time.monotonic() - started:.0f} s (data {data_done - started:.0f} s, "
+                    f"training {train_done - data_done:.0f} s, export {time.monotonic() - train_done:.0f} s)")
     return 0
 
 
@@ -319,6 +318,7 @@ def write_expert(model, tokenizer, output: Path, hf_output: Path | None, provena
     barrier("expert written")
     if hf_output is not None:
         export_hf(model, hf_output, tokenizer)
+
 
 if __name__ == "__main__":
     sys.exit(main())
