@@ -106,7 +106,6 @@ def process_rows(sharding, global_shape: tuple[int, ...]) -> slice:
     return slice(min(start for start, _ in spans), max(stop for _, stop in spans))
 
 
-
 def say(message: str) -> None:
     """A status line on stderr, from process 0 only."""
     if is_primary():
