@@ -380,7 +380,10 @@ class Engine:
         self.paired_graph = self.paired_params = None
         self.first_adapted = None
         if adapter is not None:
-            self.paired_graph, self.paired_params = nnx.split(attach_expert_rows(base, adapter))
+            paired = attach_expert_rows(base, adapter)
+            if mesh is not None:  # the base is placed already; its adapter goes beside each weight it adapts
+                sh.shard_model(paired, mesh)
+            self.paired_graph, self.paired_params = nnx.split(paired)
             self.first_adapted = min(adapter.layers)
             self.expert_config = base.config
         self.stop_ids = _stop_array(stop_ids)
@@ -531,7 +534,7 @@ class Engine:
 
     def _place_batch(self, inputs: dict) -> dict:
         """The per-sequence host arrays onto the mesh, split over its batch axes (the rest replicated)."""
-        return {k: sh.place(x, sh.batch_sharding(self.mesh, x.ndim)) if k in _PER_SEQUENCE else x
+        return {k: sh.place_rows(x, sh.batch_sharding(self.mesh, x.ndim)) if k in _PER_SEQUENCE else x
                 for k, x in inputs.items()}
 
 

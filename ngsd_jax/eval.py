@@ -216,7 +216,7 @@ def read_samples(path: Path) -> list[dict]:
         if line.endswith("\n") and isinstance(row, dict):
             rows.append(row)
             kept.append(line)
-    if len(kept) != len(lines):
+    if len(kept) != len(lines) and distributed.is_primary():
         path.write_text("".join(kept), encoding="utf-8")
     return rows
 
@@ -252,8 +252,9 @@ def _prepare_out_dir(args, fingerprint) -> list[dict]:
         if changed:
             raise UsageError(f"--resume: {args.out} was run with other settings ({changed[0]} differs); "
                              f"rerun those settings or choose another --out")
-    args.out.mkdir(parents=True, exist_ok=True)
-    run_path.write_text(json.dumps(fingerprint, indent=1), encoding="utf-8")
+    if distributed.is_primary():
+        args.out.mkdir(parents=True, exist_ok=True)
+        run_path.write_text(json.dumps(fingerprint, indent=1), encoding="utf-8")
     return read_samples(samples_path)
 
 
@@ -272,12 +273,15 @@ def run(args) -> int:
     options = decode_cli.resolve_options(args)
     decode_cli.check_options(options, args)
     judge_name, judge = load_judge(args.judge)
+    distributed.initialize(args.multi_host)  # before any other jax call
+    # Every process decodes every batch (one SPMD program) and judges its rows; process 0 alone
+    # writes. A --resume reads the samples back on every process, so --out must then be shared.
+    primary = distributed.is_primary()
     samples = _prepare_out_dir(args, _run_fingerprint(args, options, conditions, judge_name))
     samples_path = args.out / "samples.jsonl"
 
     from tqdm import tqdm
 
-    distributed.initialize(args.multi_host)  # before any other jax call
     pair = decode_cli.load_pair(options, [c.mode for c in conditions], args, [i.prompt for i in items])
     tokenizer = pair.base_tokenizer
     prefill_ids = {i.index: tokenizer.encode(i.prefill, add_special_tokens=False)[: args.prefill_tokens]
@@ -290,7 +294,7 @@ def run(args) -> int:
         settings = decode_cli.decode_settings(options, condition.mode, args.top_k)
         key = lambda item: (item.index, condition.mode, condition.alpha)  # noqa: E731
         progress = tqdm(total=len(items), initial=sum(key(i) in done for i in items), unit="prompt",
-                        desc=condition.name, disable=not sys.stderr.isatty())
+                        desc=condition.name, disable=not sys.stderr.isatty() or not primary)
         for batch in batches:
             if all(key(i) in done for i in batch):
                 continue  # a batch is decoded whole, so its rows decode exactly as in an uninterrupted run
@@ -337,11 +341,14 @@ def run(args) -> int:
                 }
                 new_rows.append(row)
                 done[row_key(row)] = row
-            with samples_path.open("a", encoding="utf-8") as f:
-                f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in new_rows)
-                f.flush()
+            if primary:
+                with samples_path.open("a", encoding="utf-8") as f:
+                    f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in new_rows)
+                    f.flush()
             progress.update(len(new_rows))
         progress.close()
+    if not primary:
+        return 0
     rows = read_samples(samples_path)
     results = compute_results(rows, conditions, items, judge_name, options, args)
     write_outputs(args.out, results, rows, options.threshold, args.trace_prompt)

@@ -315,17 +315,24 @@ def load_hf(directory: str | Path, dtype=jnp.float32, mesh=None, placement: str 
 
 
 def save_params(model: Decoder, directory: str | Path) -> None:
-    """Writes the parameters as an orbax checkpoint under directory/params, atomically."""
+    """Writes the parameters as an orbax checkpoint under directory/params, atomically. On several
+    processes every one calls it (orbax writes each one's shards; process 0 moves the result)."""
     import orbax.checkpoint as ocp
+
+    from ngsd_jax.distributed import barrier, is_primary
 
     check_parameters(model, f"saving to {directory}")
     target = Path(directory).absolute() / PARAMS_SUBDIR
     staging = target.with_name(target.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
+    if is_primary():
+        shutil.rmtree(staging, ignore_errors=True)
+    barrier("params staging cleared")
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(staging, nnx.state(model, nnx.Param))
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(staging, target)
+    if is_primary():
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+    barrier("params saved")
 
 
 def load_params(directory: str | Path, dtype=jnp.float32, mesh=None, placement: str = "sharded") -> Decoder:
@@ -388,8 +395,12 @@ def load_model_config(source: str | Path) -> ModelConfig:
 
 
 def export_hf(model: Decoder, directory: str | Path, tokenizer=None) -> Path:
-    """Writes a Hugging Face directory (model.safetensors + config.json [+ tokenizer])."""
+    """Writes a Hugging Face directory (model.safetensors + config.json [+ tokenizer]). On several
+    processes every one gathers the weights and process 0 writes them."""
     from safetensors.numpy import save_file
+
+    from ngsd_jax.distributed import is_primary
+    from ngsd_jax.sharding import fetch
 
     directory = Path(directory)
     check_parameters(model, f"exporting to {directory}")
@@ -398,11 +409,13 @@ def export_hf(model: Decoder, directory: str | Path, tokenizer=None) -> Path:
         for pattern, template, transpose in HF_RULES:
             hf_key = _invert(path, pattern, template)
             if hf_key is not None:
-                array = np.asarray(jax.device_get(var[...]).astype(np.float32))
+                array = fetch(var[...]).astype(np.float32)
                 tensors[hf_key] = np.ascontiguousarray(array.T if transpose else array)
                 break
         else:
             raise AssertionError(f"no HF name for parameter {path}")
+    if not is_primary():
+        return directory
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory) as staging:
         save_file(tensors, os.path.join(staging, "model.safetensors"), metadata={"format": "pt"})

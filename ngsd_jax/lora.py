@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ngsd_jax import sharding as sh
 from ngsd_jax.model import Decoder, Linear
 
 ADAPTER_SUBDIR = "adapter"  # where `python -m ngsd_jax.train` keeps it, inside the merged expert's checkpoint
@@ -160,7 +161,7 @@ def weights_fingerprint(model: Decoder) -> str:
         flat = jnp.ravel(leaf)
         sample = flat[:: max(1, flat.size // FINGERPRINT_SAMPLES)].astype(jnp.bfloat16)
         digest.update(f"{name}:{tuple(leaf.shape)};".encode())
-        digest.update(np.asarray(jax.device_get(sample)).view(np.uint16).tobytes())
+        digest.update(sh.fetch(sample).view(np.uint16).tobytes())
     return digest.hexdigest()[:32]
 
 
@@ -173,7 +174,7 @@ def extract_adapter(model: Decoder) -> LoRAAdapter:
             for name in names:
                 module = getattr(owner, name)
                 if isinstance(module, LoRALinear):
-                    a, b = (np.asarray(jax.device_get(m[...]), np.float32) for m in (module.lora_a, module.lora_b))
+                    a, b = (sh.fetch(m[...]).astype(np.float32) for m in (module.lora_a, module.lora_b))
                     weights[(i, name)] = (a, b)
                     ranks.add(a.shape[1])
                     alphas.add(module.scale * a.shape[1])

@@ -157,6 +157,17 @@ def place(array, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
+def place_rows(array, sharding: NamedSharding) -> jax.Array:
+    """A host array whose leading dimension is the batch onto its devices, this process giving
+    only the rows its devices hold (`distributed.process_rows`); every process holds the whole
+    host array (each tokenises every prompt, so all agree on the batch's bucket and width)."""
+    from ngsd_jax.distributed import process_rows
+
+    array = np.asarray(array)
+    return jax.make_array_from_process_local_data(sharding, array[process_rows(sharding, array.shape)],
+                                                  array.shape)
+
+
 def put(value, sharding: NamedSharding) -> jax.Array:
     """`value` (a host array or a device array) placed per `sharding`. A value on one device
     goes through the host, which also works when the mesh spans other hosts' devices."""
@@ -167,13 +178,31 @@ def put(value, sharding: NamedSharding) -> jax.Array:
     return place(value, sharding)
 
 
+def lora_axes(model: Decoder) -> dict[int, tuple]:
+    """The logical axes of every LoRA adapter matrix in `model` (keyed by the id of its variable),
+    for training's adapters and an adapter expert's alike: A [in, rank] split like its kernel's
+    input dimension, B [rank, out] like its output dimension; the rank is whole everywhere, so
+    the low-rank product needs no more communication than the kernel's own matmul."""
+    axes = {}
+    for _, node in nnx.iter_graph(model):
+        if all(hasattr(node, name) for name in ("base", "lora_a", "lora_b")):
+            in_axis, out_axis = node.base.kernel.get_metadata()["logical_axes"]
+            axes[id(node.lora_a)] = (in_axis, None)
+            axes[id(node.lora_b)] = (None, out_axis)
+    return axes
+
+
 def shard_model(model: Decoder, mesh: Mesh, placement: str = "sharded") -> Decoder:
-    """Places every parameter of `model` on `mesh`, in place; returns the model."""
+    """Places every parameter of `model` (LoRA adapters included, see `lora_axes`) on `mesh`, in
+    place; returns the model."""
     if placement not in PLACEMENTS:
         raise MeshError(f"unknown placement '{placement}'; choose one of {', '.join(PLACEMENTS)}")
+    adapters = lora_axes(model)
     for _, var in nnx.iter_graph(model):
         if isinstance(var, nnx.Param):
-            var.set_value(put(var[...], parameter_sharding(model.config, var, mesh, placement)))
+            axes = adapters.get(id(var)) or var.get_metadata()["logical_axes"]
+            spec = parameter_spec(model.config, var.shape, axes, mesh, placement)
+            var.set_value(put(var[...], NamedSharding(mesh, spec)))
     return model
 
 

@@ -29,7 +29,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -110,11 +109,14 @@ def run(args) -> int:
     output = args.output or checkpoints_dir() / recipe.name
     hf_output = None if args.no_hf_export else (args.hf_output or checkpoints_dir() / f"{recipe.name}-hf")
     run_dir = (args.run_dir or checkpoints_dir() / "runs" / recipe.name).absolute()
-    check_run_dir(run_dir, recipe, args.resume, args.overwrite)
 
     from ngsd_jax import distributed
 
     distributed.initialize(args.multi_host)  # before any other jax call
+    # Orbax writes each process's shards of the training state and of the expert into one directory.
+    distributed.check_shared_directory(run_dir, "--run-dir")
+    distributed.check_shared_directory(Path(output).absolute().parent, "--output")
+    check_run_dir(run_dir, recipe, args.resume, args.overwrite)
     import jax.numpy as jnp
 
     from ngsd_jax.engine import Engine
@@ -162,10 +164,9 @@ def run(args) -> int:
     provenance = {"recipe": dataclasses.asdict(recipe), "base": str(base_path), "expert_init": str(init_path),
                   "examples": len(examples), "run_dir": str(run_dir)}
     write_expert(trained, tokenizer, output, hf_output, provenance)
-    print(f"ngsd-jax train: expert written to {output}" + (f" and {hf_output}" if hf_output else "") +
-          f" in {time.monotonic() - started:.0f} s (data {data_done - started:.0f} s, "
-          f"training {train_done - data_done:.0f} s, export {time.monotonic() - train_done:.0f} s)",
-          file=sys.stderr)
+    distributed.say(f"ngsd-jax train: expert written to {output}" + (f" and {hf_output}" if hf_output else "") +
+                    f" in {time.monotonic() - started:.0f} s (data {data_done - started:.0f} s, "
+                    f"training {train_done - data_done:.0f} s, export {time.monotonic() - train_done:.0f} s)")
     return 0
 
 
@@ -179,6 +180,7 @@ def train(recipe: Recipe, model, examples, run_dir: Path, pad_id: int, resume: b
     from tqdm import tqdm
 
     from ngsd_jax import train_data as td
+    from ngsd_jax import sharding as sh
     from ngsd_jax import train_sharding as ts
     from ngsd_jax.distributed import is_primary
     from ngsd_jax.lora import apply_lora
@@ -193,7 +195,7 @@ def train(recipe: Recipe, model, examples, run_dir: Path, pad_id: int, resume: b
     else:
         trainable_filter = nnx.Param
     if mesh is not None:
-        ts.place_model(model, mesh)
+        sh.shard_model(model, mesh)
     graph, trainable, frozen = nnx.split(model, trainable_filter, ...)
     # The starting point, kept as its own buffers (the trained state is donated) when some loss
     # matches the starting model's distributions.
@@ -232,7 +234,9 @@ def train(recipe: Recipe, model, examples, run_dir: Path, pad_id: int, resume: b
     capacities = target_capacities(examples, plan, recipe.batch_size)
     bar = tqdm(total=total, initial=start, unit="step", desc="training", dynamic_ncols=True, disable=not is_primary())
     rate = None
-    with StopRequest() as stop, open(metrics_path, "a", encoding="utf-8") as log:
+    # Every process runs the loop; process 0 alone keeps the log (the others write to nowhere).
+    log_path = metrics_path if is_primary() else os.devnull
+    with StopRequest() as stop, open(log_path, "a", encoding="utf-8") as log:
         step = start
         while step < total:
             batch = plan[step]
@@ -272,9 +276,11 @@ def train(recipe: Recipe, model, examples, run_dir: Path, pad_id: int, resume: b
 def write_expert(model, tokenizer, output: Path, hf_output: Path | None, provenance: dict) -> None:
     """The project checkpoint (config.json, tokenizer, params/ with any LoRA merged in,
     ngsd_train.json, and for a LoRA expert its adapter in adapter/), staged next to `output`
-    and moved in whole, then the Hugging Face export."""
+    and moved in whole, then the Hugging Face export. Every process takes part (the weights
+    are gathered or saved collectively); process 0 alone writes the files and moves them."""
     from flax import nnx
 
+    from ngsd_jax.distributed import barrier, is_primary
     from ngsd_jax.loading import export_hf, save_params
     from ngsd_jax.lora import ADAPTER_SUBDIR, LoRALinear, extract_adapter, merge_lora, save_adapter
 
@@ -283,24 +289,33 @@ def write_expert(model, tokenizer, output: Path, hf_output: Path | None, provena
     adapter = extract_adapter(model) if has_lora else None
     model = merge_lora(model)
     output = output.absolute()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".partial"))
+    primary = is_primary()
+    # One name for every process: orbax saves each one's shards of params/ into the same directory.
+    staging = output.with_name(f".{output.name}.partial")
+    if primary:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+    barrier("expert staging created")
     try:
-        (staging / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2))
-        tokenizer.save_pretrained(str(staging))
+        if primary:
+            (staging / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2))
+            tokenizer.save_pretrained(str(staging))
+            (staging / "ngsd_train.json").write_text(json.dumps(provenance, indent=2) + "\n")
+            if adapter is not None:
+                save_adapter(adapter, staging / ADAPTER_SUBDIR)
         save_params(model, staging)
-        (staging / "ngsd_train.json").write_text(json.dumps(provenance, indent=2) + "\n")
-        if adapter is not None:
-            save_adapter(adapter, staging / ADAPTER_SUBDIR)
-        if output.exists():
+        if primary and output.exists():
             aside = output.with_name(f".{output.name}.replaced-{int(time.time())}")
             os.replace(output, aside)
             os.replace(staging, output)
             shutil.rmtree(aside, ignore_errors=True)
-        else:
+        elif primary:
             os.replace(staging, output)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if primary:
+            shutil.rmtree(staging, ignore_errors=True)
+    barrier("expert written")
     if hf_output is not None:
         export_hf(model, hf_output, tokenizer)
 

@@ -20,12 +20,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import sys
+import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from ngsd_jax.distributed import barrier, is_primary, say
 from ngsd_jax.recipe import Recipe, UsageError, resolve_data_path
 from ngsd_jax.tokenizer import END_OF_TURN_TOKENS, TokenizerError, encode_chat, resolve_chat_template
 from ngsd_jax.train_state import write_atomic
@@ -76,7 +77,7 @@ class Example:
 # ----------------------------------------------------------------------------- reading
 
 def warn(message: str) -> None:
-    print(f"ngsd-jax train: {message}", file=sys.stderr, flush=True)
+    say(f"ngsd-jax train: {message}")
 
 
 def read_jsonl(path: Path, parse: Callable[[dict], object], strict: bool) -> list[tuple[str, object]]:
@@ -342,9 +343,14 @@ def generate_answers(make_engine: Callable[[], object], tokenizer, requests: Seq
     engine = make_engine()
     stop_ids = set(engine.stop_ids.tolist())
     settings = DecodeSettings(mode="base", max_new_tokens=max_new_tokens)
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(cache_path, "a", encoding="utf-8") as out, tqdm(
-            total=len(missing), unit="answer", desc="base answers (self-distillation)", dynamic_ncols=True) as bar:
+    # Every process decodes (one SPMD program); process 0 alone appends to the cache, which the
+    # others read from the same (shared) run directory on a later run.
+    primary = is_primary()
+    if primary:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache_path if primary else os.devnull, "a", encoding="utf-8") as out, tqdm(
+            total=len(missing), unit="answer", desc="base answers (self-distillation)", dynamic_ncols=True,
+            disable=not primary) as bar:
         for start in range(0, len(missing), batch_size):
             chunk = missing[start: start + batch_size]
             prompts = [ids for _, ids in chunk]
@@ -483,4 +489,5 @@ def build_default_dataset(recipe: Recipe, tokenizer, answers_from: BaseAnswers, 
     warn("default dataset: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
     path = data_dir / "train.jsonl"
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    barrier("train.jsonl written")  # every process reads it back
     return path

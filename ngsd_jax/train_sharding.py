@@ -1,9 +1,8 @@
 """Training under a (data, fsdp, tensor) mesh: where the trainable state, the frozen weights,
 the optimizer state and each batch live. The layout is ngsd_jax.sharding's rules table:
 
-- weights per their logical axes (fsdp on the embed dimension, tensor on heads/mlp/vocab);
-- a LoRA adapter follows the weight it adapts: `a` [in, rank] split like the kernel's input
-  dimension, `b` [rank, out] like its output dimension (the rank is whole everywhere);
+- weights per their logical axes (fsdp on the embed dimension, tensor on heads/mlp/vocab) and
+  a LoRA adapter like the weight it adapts (`sharding.shard_model`, `sharding.lora_axes`);
 - AdamW's moments (and MultiSteps' accumulated gradients) exactly like their parameters,
   step counters replicated;
 - the batch's rows over (data, fsdp).
@@ -16,29 +15,9 @@ from __future__ import annotations
 
 import jax
 import optax
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ngsd_jax import sharding as sh
-from ngsd_jax.lora import LoRALinear
-from ngsd_jax.model import Decoder
-
-
-def place_model(model: Decoder, mesh: Mesh) -> Decoder:
-    """Places every weight and LoRA adapter of `model` on `mesh`, in place; returns the model."""
-    config = model.config
-    adapters = {}
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, LoRALinear):
-            in_axis, out_axis = node.base.kernel.get_metadata()["logical_axes"]
-            adapters[id(node.lora_a)] = (in_axis, None)
-            adapters[id(node.lora_b)] = (None, out_axis)
-    for _, var in nnx.iter_graph(model):
-        if isinstance(var, nnx.Param):
-            axes = adapters.get(id(var)) or var.get_metadata()["logical_axes"]
-            spec = sh.parameter_spec(config, var.shape, axes, mesh)
-            var.set_value(sh.put(var[...], NamedSharding(mesh, spec)))
-    return model
 
 
 def place_optimizer_state(optimizer, opt_state, params, mesh: Mesh):
@@ -56,8 +35,9 @@ def state_shardings(trainable, opt_state):
 
 
 def place_batch(arrays: dict, mesh: Mesh) -> dict:
-    """A collated batch ([batch_size, width] host arrays) with its rows split over (data, fsdp)."""
-    return {k: sh.place(x, sh.batch_sharding(mesh, x.ndim)) for k, x in arrays.items()}
+    """A collated batch ([batch_size, width] host arrays) with its rows split over (data, fsdp),
+    each process placing its own rows."""
+    return {k: sh.place_rows(x, sh.batch_sharding(mesh, x.ndim)) for k, x in arrays.items()}
 
 
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:

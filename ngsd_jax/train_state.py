@@ -13,10 +13,15 @@ import signal
 import sys
 from pathlib import Path
 
+from ngsd_jax.distributed import barrier, is_primary
 from ngsd_jax.recipe import RESUMABLE_CHANGES, Recipe, UsageError
 
 
 def write_atomic(path: Path, text: str) -> None:
+    """Replaces `path` by `text` in one step, from process 0 only (a multi-host run's other
+    processes share its run directory, see distributed.check_shared_directory)."""
+    if not is_primary():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.tmp")
     staging.write_text(text, encoding="utf-8")
@@ -28,8 +33,9 @@ def check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool) 
     state, saved_recipe = run_dir / "state", run_dir / "recipe.json"
     has_state = state.is_dir() and any(state.iterdir())
     if overwrite:
-        shutil.rmtree(state, ignore_errors=True)
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        if is_primary():
+            shutil.rmtree(state, ignore_errors=True)
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     elif has_state and not resume:
         raise UsageError(f"{run_dir} already holds a training run; pass --resume to continue it or "
                          f"--overwrite to start over")
@@ -43,6 +49,7 @@ def check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool) 
             raise UsageError(f"--resume with different settings ({', '.join(changed)}) than {saved_recipe}; "
                              f"resume with the same ones or start a new --run-dir")
     write_atomic(saved_recipe, json.dumps(current, indent=2) + "\n")
+    barrier("run directory checked")  # no process opens the state before process 0 has cleared it
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -9,6 +9,12 @@ initialisation leaves them at values that would hide a loading bug.
 `hf_model(path)` loads (and caches) the transformers model of such a directory in fp32,
 eval mode, as the oracle.
 
+`chat_pair` is a tiny random Llama base and expert (seeds 0 and 1) with a small byte-level BPE
+chat tokenizer (`chat_tokenizer`, ChatML), as local Hugging Face directories, for the decode
+and eval CLIs; `tokenizer`, `tiny_checkpoint` and `data_file` are the tiny model and
+prompt/response records the training tests fine-tune on; `final_params(checkpoint)` reads
+a trained checkpoint's weights back.
+
 `offline_hub` points the Hugging Face cache at a temporary directory, sets offline mode,
 makes any network connection a test failure, and returns `(repo_id, directory) -> snapshot`,
 which files a local checkpoint into that cache exactly as `huggingface_hub` lays it out.
@@ -23,15 +29,19 @@ import shutil
 import socket
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import torch
+from flax import nnx
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -175,3 +185,103 @@ def offline_hub(tmp_path, monkeypatch):
     add.cache, add.checkpoints = cache, checkpoints
     yield add
     assert not connections, f"a test reached the network: {connections}"
+
+
+def env_with_8_devices() -> dict:
+    """The environment of a fresh interpreter with 8 fake CPU devices (the device count is fixed
+    when jax initialises, so multi-device runs are subprocesses)."""
+    return dict(os.environ, JAX_PLATFORMS="cpu",
+                XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip())
+
+
+# --- a tiny chat pair for the decode and eval CLIs ----------------------------------------
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CORPUS = ["How do I bake bread at home?", "Explain photosynthesis simply.", "I cannot help with that.",
+          '{"severityScore": 3, "actionabilityScore": 7}', "yes no Yes No maybe", "Sure, here is a plan."]
+PROMPTS = ["How do I bake bread?", "Explain photosynthesis.", "Sure, a plan?"]
+
+
+def chat_tokenizer(words=CORPUS) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(words, trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   chat_template=CHATML)
+
+
+def chat_checkpoint(path, tokenizer, seed, rows=384):
+    torch.manual_seed(seed)
+    # 384 embedding rows for a ~320-token tokenizer: padded rows must never be chosen.
+    config = LlamaConfig(vocab_size=rows, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
+                         eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def chat_pair(tmp_path_factory):
+    """(base, expert) directories; read-only."""
+    tok = chat_tokenizer()
+    base = chat_checkpoint(tmp_path_factory.mktemp("chat_base"), tok, 0)
+    expert = chat_checkpoint(tmp_path_factory.mktemp("chat_expert"), tok, 1)
+    return str(base), str(expert)
+
+
+# --- a tiny model and records for the training tests ---------------------------------------
+
+TRAIN_PAIRS = [("How do I pick a lock?", "I can't help with that."),
+               ("What is the capital of France?", "Paris is the capital of France."),
+               ("Write a threatening letter to my neighbour.", "I'm sorry, but I won't write threats."),
+               ("Name a primary colour.", "Red is a primary colour."),
+               ("Explain how to make a weapon at home.", "I cannot provide instructions for making weapons."),
+               ("Say hello politely.", "Hello, it is nice to meet you!")]
+
+
+def train_tokenizer() -> PreTrainedTokenizerFast:
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([text for pair in TRAIN_PAIRS for text in pair], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>", chat_template=CHATML)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return train_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tokenizer) -> Path:
+    """A Hugging Face directory (weights + tokenizer) of a random 2-layer Llama whose weights are
+    large enough (this file's initialisation) that its outputs are far from uniform, as a
+    trained model's are."""
+    path = tmp_path_factory.mktemp("tiny_base")
+    build_tiny_hf("llama", path, vocab_size=len(tokenizer))
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    lines = [json.dumps({"prompt": p, "response": r}) for p, r in TRAIN_PAIRS[:3]]
+    lines += [json.dumps({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": r}]})
+              for p, r in TRAIN_PAIRS[3:]]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def final_params(path: Path) -> list[np.ndarray]:
+    from ngsd_jax.loading import load_model
+
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(load_model(path), nnx.Param))]

@@ -23,12 +23,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from ngsd_jax.engine import DecodeSettings, Engine
 from ngsd_jax.loading import load_model
+from ngsd_jax.lora import LoRALinear, apply_lora, extract_adapter
 from ngsd_jax.sharding import make_mesh, parse_mesh
 
 PROMPTS = [[1, 17, 42, 99, 7], [1, 5, 250, 3, 60, 61, 62, 8, 9], [1, 4, 4, 200]]
 # (mesh, expert placement)
 MESHES = [("data=8", "sharded"), ("tensor=8", "sharded"), ("data=2,tensor=4", "sharded"),
           ("data=2,fsdp=2,tensor=2", "sharded"), ("data=2,tensor=4", "replicated")]
+ADAPTER_MESHES = ["data=8", "tensor=8", "data=2,tensor=4", "data=2,fsdp=2,tensor=2"]
 
 
 def tiny_llama(seed: int, directory: str):
@@ -40,8 +42,8 @@ def tiny_llama(seed: int, directory: str):
     LlamaForCausalLM(config).eval().save_pretrained(directory)
 
 
-def decode(base, expert, mesh=None, scan_layers=False):
-    engine = Engine(base, expert, vocab_size=256, stop_ids=[2], mesh=mesh, scan_layers=scan_layers)
+def decode(base, expert, mesh=None, scan_layers=False, adapter=None):
+    engine = Engine(base, expert, vocab_size=256, stop_ids=[2], mesh=mesh, scan_layers=scan_layers, adapter=adapter)
     calls = []
     program = engine._jitted
     engine._jitted = lambda *args: calls.append(args) or program(*args)  # keeps the arguments for lowering
@@ -72,6 +74,25 @@ def _forward(graph, params, tokens):
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     hidden, _ = model(tokens, positions)
     return model.logits(hidden)
+
+
+def lora_adapter(base_dir):
+    """A rank-4 all-linear LoRA adapter of the base's top layer, b random so the delta matters."""
+    model = load_model(base_dir)
+    apply_lora(model, rank=4, alpha=8.0, targets="all-linear", layers=[1], seed=1)
+    rng = np.random.RandomState(0)
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, LoRALinear):
+            node.lora_b.set_value(0.5 * rng.randn(*node.lora_b.shape).astype(np.float32))
+    return extract_adapter(model)
+
+
+def adapter_specs(engine):
+    """The placements of the adapter's A and B of the top layer's q and down projections."""
+    layer = nnx.merge(engine.paired_graph, engine.paired_params).layers[1]
+    return {name: {"a": spec(module.lora_a[...]), "b": spec(module.lora_b[...]),
+                   "kernel": spec(module.base.kernel[...])}
+            for name, module in (("q_proj", layer.attn.q_proj), ("down_proj", layer.mlp.down_proj))}
 
 
 def spec(array):
@@ -121,6 +142,22 @@ def main():
         out["scanned"] = {"tokens_equal": bool(np.array_equal(reference.tokens, scanned.tokens)),
                           "q_spec": spec(base.layers.layer.attn.q_proj.kernel[...]),
                           "cache_shapes": stacked_cache_shapes(hlo)}
+        # The expert as a LoRA adapter over the (sharded) base: one weight stream.
+        adapter = lora_adapter(base_dir)
+        reference, _, _ = decode(load_model(base_dir), None, adapter=adapter)
+        out["adapter_spikes"] = int(reference.spike.sum())
+        out["adapter"] = {}
+        for text in ADAPTER_MESHES:
+            mesh = make_mesh(parse_mesh(text, jax.device_count()))
+            sharded, engine, _ = decode(load_model(base_dir, mesh=mesh), None, mesh, adapter=adapter)
+            out["adapter"][text] = {
+                "tokens_equal": bool(np.array_equal(reference.tokens, sharded.tokens)),
+                "lengths_equal": bool(np.array_equal(reference.lengths, sharded.lengths)),
+                "divergence_diff": float(np.abs(reference.divergence - sharded.divergence).max()),
+                "potential_diff": float(np.abs(reference.potential - sharded.potential).max()),
+                "output_spec": list(engine.output_sharding.spec),
+                "specs": adapter_specs(engine),
+            }
     json.dump(out, sys.stdout)
 
 

@@ -7,50 +7,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from conftest import CHATML, PROMPTS, chat_checkpoint, chat_tokenizer
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from ngsd_jax import decode
 from ngsd_jax.engine import DecodeSettings, Engine
 from ngsd_jax.loading import load_model
 from ngsd_jax.reflection import RATING_PREFIX, AlphaMapping, harmfulness_question_messages, reflect
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-CORPUS = ["How do I bake bread at home?", "Explain photosynthesis simply.", "I cannot help with that.",
-          '{"severityScore": 3, "actionabilityScore": 7}', "yes no Yes No maybe", "Sure, here is a plan."]
-PROMPTS = ["How do I bake bread?", "Explain photosynthesis.", "Sure, a plan?"]
 FALLBACK_SCORES = {"severityScore": 7, "actionabilityScore": 7, "evasionScore": 7, "targetingScore": 7}
-
-
-def _tokenizer(words=CORPUS) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(words, trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                   chat_template=CHATML)
-
-
-def _checkpoint(path, tokenizer, seed, rows=384):
-    torch.manual_seed(seed)
-    # 384 embedding rows for a ~320-token tokenizer: padded rows must never be chosen.
-    config = LlamaConfig(vocab_size=rows, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
-                         eos_token_id=tokenizer.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    tok = _tokenizer()
-    base = _checkpoint(tmp_path_factory.mktemp("base"), tok, 0)
-    expert = _checkpoint(tmp_path_factory.mktemp("expert"), tok, 1)
-    return str(base), str(expert)
 
 
 def _run(capsys, *argv):
@@ -59,8 +24,8 @@ def _run(capsys, *argv):
     return code, captured.out, captured.err
 
 
-def test_json_output_with_trace_and_reflection(pair, capsys):
-    base, expert = pair
+def test_json_output_with_trace_and_reflection(chat_pair, capsys):
+    base, expert = chat_pair
     args = ["--base", base, "--expert", expert, "--max-new-tokens", "12", "--json", "--reflect", "json"]
     for p in PROMPTS:
         args += ["--prompt", p]
@@ -83,8 +48,8 @@ def test_json_output_with_trace_and_reflection(pair, capsys):
         assert r["spikes"] == sum(r["trace"]["spike"])
 
 
-def test_trace_table_and_prefill(pair, capsys):
-    base, expert = pair
+def test_trace_table_and_prefill(chat_pair, capsys):
+    base, expert = chat_pair
     code, out, err = _run(capsys, "--base", base, "--expert", expert, "--prompt", PROMPTS[0], "--trace",
                           "--reflect", "off", "--alpha", "0.9", "--prefill", "Sure,", "--max-new-tokens", "6")
     assert code == 0, err
@@ -112,24 +77,24 @@ def test_prompt_files_in_every_format(tmp_path):
         decode.read_prompts(tmp_path / "p.xml")
 
 
-def test_mismatched_tokenizers_are_refused_before_weights_load(pair, tmp_path, capsys):
-    base, _ = pair
+def test_mismatched_tokenizers_are_refused_before_weights_load(chat_pair, tmp_path, capsys):
+    base, _ = chat_pair
     other = tmp_path / "other"
-    _tokenizer(["completely different words here", "zebra quantum"]).save_pretrained(other)
+    chat_tokenizer(["completely different words here", "zebra quantum"]).save_pretrained(other)
     # No weights in `other`: reaching the weights would fail differently.
     code, _, err = _run(capsys, "--base", base, "--expert", str(other), "--prompt", "hi")
     assert code == 2
     assert "tokenizers differ" in err and len(err.strip().splitlines()) == 1
 
 
-def test_missing_expert_says_how_to_train_one(pair, capsys):
-    base, _ = pair
+def test_missing_expert_says_how_to_train_one(chat_pair, capsys):
+    base, _ = chat_pair
     code, _, err = _run(capsys, "--base", base, "--prompt", "hi")
     assert code == 2 and "python -m ngsd_jax.train" in err
 
 
-def test_hub_ids_decode_from_an_offline_cache_as_the_local_directories_do(pair, offline_hub, capsys):
-    base, expert = pair
+def test_hub_ids_decode_from_an_offline_cache_as_the_local_directories_do(chat_pair, offline_hub, capsys):
+    base, expert = chat_pair
     offline_hub("tiny-org/tiny-base", base)
     offline_hub("tiny-org/tiny-expert", expert)
     common = ["--prompt", PROMPTS[0], "--reflect", "off", "--alpha", "0.9", "--max-new-tokens", "8", "--json"]
@@ -163,8 +128,8 @@ class _CountingEngine(Engine):
 
 
 @pytest.mark.parametrize("mode", ["json", "logit"])
-def test_reflection_is_one_batched_call_with_alpha_in_the_paper_set(pair, mode):
-    base, _ = pair
+def test_reflection_is_one_batched_call_with_alpha_in_the_paper_set(chat_pair, mode):
+    base, _ = chat_pair
     tok = PreTrainedTokenizerFast.from_pretrained(base)
     engine = _CountingEngine(load_model(base), None, vocab_size=len(tok), stop_ids=[tok.eos_token_id])
     out = reflect(engine, tok, PROMPTS, mode)
@@ -213,7 +178,7 @@ def _yes_no_risk_by_transformers(checkpoint, tok, prompt) -> float:
     return float(10 * p_yes / (p_yes + p_no))
 
 
-def test_reflection_off_uses_the_fixed_alpha(pair):
+def test_reflection_off_uses_the_fixed_alpha(chat_pair):
     out = reflect(None, None, PROMPTS, "off", fixed_alpha=0.9)
     assert [r.alpha for r in out] == [0.9] * len(PROMPTS)
 
@@ -225,8 +190,8 @@ THINKING_TEMPLATE = CHATML + ("{% if add_generation_prompt and enable_thinking i
 
 @pytest.mark.parametrize("flags, reflect_mode, think_block",
                          [((), "json", True), ((), "logit", True), (("--thinking",), "json", False)])
-def test_prompts_render_thinking_off_unless_asked(pair, capsys, monkeypatch, flags, reflect_mode, think_block):
-    base, expert = pair
+def test_prompts_render_thinking_off_unless_asked(chat_pair, capsys, monkeypatch, flags, reflect_mode, think_block):
+    base, expert = chat_pair
     seen = []
     real_decode, real_distribution = Engine.decode, Engine.next_token_distribution
 
@@ -268,8 +233,8 @@ def _recording(monkeypatch):
 @pytest.mark.parametrize("flags, paper", [((), False), (("--reflect-parse", "reference", "--no-reflect-prefix",
                                                         "--reflect-max-new-tokens", "9", "--softmax-over",
                                                         "embedding"), True)])
-def test_reflection_and_softmax_flags(pair, capsys, monkeypatch, flags, paper):
-    base, expert = pair
+def test_reflection_and_softmax_flags(chat_pair, capsys, monkeypatch, flags, paper):
+    base, expert = chat_pair
     calls = _recording(monkeypatch)
     tok = PreTrainedTokenizerFast.from_pretrained(base)
     prefix_ids = tok.encode(RATING_PREFIX, add_special_tokens=False)
@@ -286,9 +251,9 @@ def test_reflection_and_softmax_flags(pair, capsys, monkeypatch, flags, paper):
     assert vocab == (384 if paper else len(tok))
 
 
-def test_softmax_over_embedding_needs_equal_rows(pair, tmp_path, capsys):
-    base, _ = pair
-    other = _checkpoint(tmp_path / "rows352", PreTrainedTokenizerFast.from_pretrained(base), 2, rows=352)
+def test_softmax_over_embedding_needs_equal_rows(chat_pair, tmp_path, capsys):
+    base, _ = chat_pair
+    other = chat_checkpoint(tmp_path / "rows352", PreTrainedTokenizerFast.from_pretrained(base), 2, rows=352)
     capsys.readouterr()
     code, _, err = _run(capsys, "--base", base, "--expert", str(other), "--prompt", "hi", "--reflect", "off",
                         "--softmax-over", "embedding")
@@ -325,16 +290,16 @@ def test_paper_presets_select_the_paper_settings(preset):
     (("--top-p", "0"), "--top-p must lie in (0, 1]"),
     (("--top-k", "-1"), "--top-k must be >= 0"),
 ])
-def test_bad_settings_fail_in_one_line(pair, capsys, flags, message):
-    base, expert = pair
+def test_bad_settings_fail_in_one_line(chat_pair, capsys, flags, message):
+    base, expert = chat_pair
     code, out, err = _run(capsys, "--base", base, "--expert", expert, "--prompt", "hi", *flags)
     lines = err.strip().splitlines()
     assert code == 2 and out == ""
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
 
 
-def test_merge_top_k_past_the_vocabulary_merges_every_token(pair, capsys):
-    base, expert = pair
+def test_merge_top_k_past_the_vocabulary_merges_every_token(chat_pair, capsys):
+    base, expert = chat_pair
     outputs = []
     for k in ("100000", "320"):  # the tokenizer has fewer than 320 tokens: both select every token
         code, out, err = _run(capsys, "--base", base, "--expert", expert, "--prompt", PROMPTS[0], "--mode", "always",
@@ -346,16 +311,16 @@ def test_merge_top_k_past_the_vocabulary_merges_every_token(pair, capsys):
 
 
 @pytest.mark.parametrize("role", ["base", "expert"])
-def test_a_missing_checkpoint_is_named(pair, capsys, role):
-    base, expert = pair
+def test_a_missing_checkpoint_is_named(chat_pair, capsys, role):
+    base, expert = chat_pair
     paths = {"base": base, "expert": expert, role: "/no/such/dir"}
     code, _, err = _run(capsys, "--base", paths["base"], "--expert", paths["expert"], "--prompt", "hi")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert f"{role} model /no/such/dir: no such checkpoint" in err and "ngsd_jax.train" not in err
 
 
-def test_reflect_expert_sets_alpha_in_the_decode_program_with_the_flagged_mapping(pair, capsys):
-    base, expert = pair
+def test_reflect_expert_sets_alpha_in_the_decode_program_with_the_flagged_mapping(chat_pair, capsys):
+    base, expert = chat_pair
     args = ["--base", base, "--expert", expert, "--max-new-tokens", "4", "--json", "--reflect", "expert",
             "--alpha-levels", "0.2,0.3,0.7", "--risk-thresholds", "0.01,0.02"]
     for p in PROMPTS:
@@ -379,8 +344,8 @@ def test_reflect_expert_sets_alpha_in_the_decode_program_with_the_flagged_mappin
 @pytest.mark.parametrize("flag, value, message", [("--alpha-levels", "0.1,0.5", "expected 3 comma-separated"),
                                                    ("--alpha-levels", "0.1,0.5,1.5", "alpha levels"),
                                                    ("--risk-thresholds", "6,5", "risk thresholds")])
-def test_bad_alpha_mapping_flags_fail_early_naming_the_fix(pair, capsys, flag, value, message):
-    base, expert = pair
+def test_bad_alpha_mapping_flags_fail_early_naming_the_fix(chat_pair, capsys, flag, value, message):
+    base, expert = chat_pair
     try:
         code = decode.main(["--base", base, "--expert", expert, "--prompt", "hi", flag, value])
     except SystemExit as exit:  # argparse's own refusal of a malformed value: usage, then one error line
@@ -389,11 +354,11 @@ def test_bad_alpha_mapping_flags_fail_early_naming_the_fix(pair, capsys, flag, v
     assert code == 2 and message in err.strip().splitlines()[-1]
 
 
-def test_the_default_pair_decodes_with_its_preset_and_named_models_with_the_paper_settings(pair):
+def test_the_default_pair_decodes_with_its_preset_and_named_models_with_the_paper_settings(chat_pair):
     parser = decode.build_parser()
     default = decode.resolve_options(parser.parse_args(["--prompt", "hi"]))
     assert default.reflect == decode.load_preset(decode.DEFAULT_PRESET)["reflect"] == "expert"
-    base, expert = pair
+    base, expert = chat_pair
     named = decode.resolve_options(parser.parse_args(["--prompt", "hi", "--base", base, "--expert", expert]))
     assert named.reflect == "json" and named.alpha_levels == (0.1, 0.5, 0.9)
     assert decode.resolve_options(parser.parse_args(["--prompt", "hi", "--reflect", "json"])).reflect == "json"

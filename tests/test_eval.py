@@ -8,8 +8,9 @@ import json
 import random
 import statistics
 
+import jax
 import pytest
-from test_decode_cli import _checkpoint, _tokenizer
+from conftest import chat_tokenizer
 
 from ngsd_jax import decode, eval as evaluate
 from ngsd_jax.engine import DecodeSettings, Engine
@@ -27,14 +28,6 @@ ROWS = [
 # Calls a response a refusal by a rule that splits random text roughly in half, so that
 # every rate is neither 0 nor 1 and a wrong grouping shows.
 JUDGE_SOURCE = "def judge(prompt, response):\n    return len(response) % 2 == 0\n"
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    tok = _tokenizer()
-    base = _checkpoint(tmp_path_factory.mktemp("eval_base"), tok, 0)
-    expert = _checkpoint(tmp_path_factory.mktemp("eval_expert"), tok, 1)
-    return str(base), str(expert)
 
 
 @pytest.fixture
@@ -231,7 +224,7 @@ def _recompute(rows, mode, alpha, label):
 def _check_prefill(rows, base_path):
     """Every mode forces each prompt's own first 2 prefill tokens; the base's answers equal the
     oracle's: the prompt with those ids appended, decoded alone."""
-    tok = _tokenizer()
+    tok = chat_tokenizer()
     model = load_model(base_path)
     engine = Engine(model, None, vocab_size=len(tok), stop_ids=stop_token_ids(tok, model.config))
     for r in rows:
@@ -249,8 +242,8 @@ LABEL_FIELDS = {"n", "refusal_rate", "accuracy", "spike_rate", "spikes_per_answe
                 "mean_new_tokens", "identical_to_base", "first_diff_mean", "first_diff_median", "differing"}
 
 
-def test_end_to_end_results_agree_with_samples(pair, dataset, tmp_path, capsys):
-    base, expert = pair
+def test_end_to_end_results_agree_with_samples(chat_pair, dataset, tmp_path, capsys):
+    base, expert = chat_pair
     out = tmp_path / "out"
     code, stdout, err = _eval(capsys, "--dataset", dataset, "--base", base, "--expert", expert,
                               "--label-field", "label", "--answer-field", "answer", "--modes", "ngsd,safedecoding",
@@ -300,8 +293,8 @@ def test_end_to_end_results_agree_with_samples(pair, dataset, tmp_path, capsys):
     assert "| safedecoding |" in stdout
 
 
-def test_an_expert_equal_to_the_base_leaves_every_answer_alone(pair, dataset, tmp_path, capsys):
-    base, _ = pair
+def test_an_expert_equal_to_the_base_leaves_every_answer_alone(chat_pair, dataset, tmp_path, capsys):
+    base, _ = chat_pair
     out = tmp_path / "out"
     code, _, err = _eval(capsys, "--dataset", dataset, "--base", base, "--expert", base, "--modes", "ngsd",
                          "--label-field", "label", "--reflect", "off", "--alpha", "0.9", "--max-new-tokens", 6,
@@ -313,8 +306,17 @@ def test_an_expert_equal_to_the_base_leaves_every_answer_alone(pair, dataset, tm
         assert ngsd[label]["spikes_per_answer"] == 0 and ngsd[label]["steered_token_fraction"] == 0
 
 
-def test_resume_after_a_killed_run_gives_the_same_results(pair, dataset, tmp_path, capsys, monkeypatch):
-    base, expert = pair
+def test_only_process_0_writes_results_and_samples(chat_pair, dataset, tmp_path, capsys, monkeypatch):
+    base, expert = chat_pair
+    monkeypatch.setattr(jax, "process_index", lambda: 1)  # pretend to be worker 1 of a multi-host run
+    code, stdout, err = _eval(capsys, "--dataset", dataset, "--base", base, "--expert", expert, "--modes", "ngsd",
+                              "--label-field", "label", "--max-new-tokens", 4, "--out", tmp_path / "out")
+    assert code == 0, err
+    assert stdout == "" and not (tmp_path / "out").exists()
+
+
+def test_resume_after_a_killed_run_gives_the_same_results(chat_pair, dataset, tmp_path, capsys, monkeypatch):
+    base, expert = chat_pair
     common = ["--dataset", dataset, "--base", base, "--expert", expert, "--label-field", "label",
               "--modes", "base,ngsd", "--reflect", "logit", "--max-new-tokens", 6, "--batch-size", 2]
     code, _, err = _eval(capsys, *common, "--out", tmp_path / "whole")

@@ -8,12 +8,12 @@ done, so the check runs in a fresh interpreter (tests/sharding_check.py) with 8 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import env_with_8_devices
 from jax.sharding import AbstractMesh
 
 from ngsd_jax.sharding import LOGICAL_RULES, MeshError, MeshShape, parse_mesh, partition_spec
@@ -22,9 +22,8 @@ SCRIPT = Path(__file__).with_name("sharding_check.py")
 
 
 def run_with_8_devices(script: Path, *args: str) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip())
-    run = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, str(script), *args], env=env_with_8_devices(), capture_output=True,
+                         text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
 
@@ -92,6 +91,20 @@ def test_scanned_layers_decode_on_a_mesh_with_the_layer_axis_whole(result):
     assert r["tokens_equal"]
     assert r["q_spec"] == [None, "fsdp", "tensor"]
     assert {b for b, _ in r["cache_shapes"]} == {1}  # the stacked caches too hold each device's rows only
+
+
+@pytest.mark.parametrize("mesh", ["data=8", "tensor=8", "data=2,tensor=4", "data=2,fsdp=2,tensor=2"])
+def test_adapter_expert_over_a_sharded_base_matches_one_device(result, mesh):
+    assert result["adapter_spikes"] > 0, "the adapter expert never moved the gate"
+    r = result["adapter"][mesh]
+    assert r["tokens_equal"] and r["lengths_equal"]
+    assert r["divergence_diff"] < 1e-5 and r["potential_diff"] < 1e-5
+    # A [in, rank] is split like the kernel's input dimension, B [rank, out] like its output.
+    for projection in r["specs"].values():
+        assert projection["a"] == [projection["kernel"][0], None]
+        assert projection["b"] == [None, projection["kernel"][1]]
+    if mesh == "data=2,tensor=4":
+        assert r["specs"]["q_proj"]["b"] == [None, "tensor"] and r["specs"]["down_proj"]["a"] == ["tensor", None]
 
 
 def test_partition_spec_rules():

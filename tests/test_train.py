@@ -17,10 +17,8 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
-from conftest import build_tiny_hf
+from conftest import TRAIN_PAIRS, build_tiny_hf, final_params, train_tokenizer
 
 from ngsd_jax import recipe as recipes
 from ngsd_jax import train, train_data, train_step
@@ -30,14 +28,6 @@ from ngsd_jax.lora import apply_lora, merge_lora
 from ngsd_jax.model import Decoder
 from ngsd_jax.tokenizer import encode_chat
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-PAIRS = [("How do I pick a lock?", "I can't help with that."),
-         ("What is the capital of France?", "Paris is the capital of France."),
-         ("Write a threatening letter to my neighbour.", "I'm sorry, but I won't write threats."),
-         ("Name a primary colour.", "Red is a primary colour."),
-         ("Explain how to make a weapon at home.", "I cannot provide instructions for making weapons."),
-         ("Say hello politely.", "Hello, it is nice to meet you!")]
 TINY_CONFIG = dict(model_type="llama", vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-6,
                    rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=False,
@@ -48,43 +38,6 @@ TINY_SETTINGS = ["--set", "bucket_widths=[128]", "--set", 'lora_targets=["q_proj
                  "--no-hf-export"]
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator([text for pair in PAIRS for text in pair], trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>", chat_template=CHATML)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory, tokenizer) -> Path:
-    """A Hugging Face directory (weights + tokenizer) of a random 2-layer Llama whose weights are
-    large enough (conftest's initialisation) that its outputs are far from uniform, as a
-    trained model's are."""
-    path = tmp_path_factory.mktemp("tiny_base")
-    build_tiny_hf("llama", path, vocab_size=len(tokenizer))
-    tokenizer.save_pretrained(str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
-    lines = [json.dumps({"prompt": p, "response": r}) for p, r in PAIRS[:3]]
-    lines += [json.dumps({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": r}]})
-              for p, r in PAIRS[3:]]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def train_args(checkpoint: Path, data: Path, tmp: Path, *extra: str) -> list[str]:
     return ["--base", str(checkpoint), "--data", str(data), "--run-dir", str(tmp / "run"),
             "--output", str(tmp / "expert"), *TINY_SETTINGS, *extra]
@@ -93,7 +46,7 @@ def train_args(checkpoint: Path, data: Path, tmp: Path, *extra: str) -> list[str
 def test_loss_mask_covers_exactly_the_response_and_end_of_turn(tokenizer):
     eot = train_data.end_of_turn_id(tokenizer)
     assert eot == tokenizer.convert_tokens_to_ids("<|im_end|>")
-    prompt, response = PAIRS[0]
+    prompt, response = TRAIN_PAIRS[0]
     record = train_data.parse_record({"prompt": prompt, "response": response, "prefix": "Sure, here"})
     example = train_data.encode_record(record, tokenizer, eot, "x:1")
     prompt_ids = encode_chat(tokenizer, prompt)
@@ -115,7 +68,7 @@ def test_loss_mask_covers_exactly_the_response_and_end_of_turn(tokenizer):
 def test_decision_tokens_weigh_only_the_first_targets_of_each_response(tokenizer):
     eot = train_data.end_of_turn_id(tokenizer)
     examples = [train_data.encode_record(train_data.parse_record({"prompt": p, "response": r, "weight": w}),
-                                         tokenizer, eot, "x") for (p, r), w in zip(PAIRS[:2], (1.0, 0.5))]
+                                         tokenizer, eot, "x") for (p, r), w in zip(TRAIN_PAIRS[:2], (1.0, 0.5))]
     batch = train_data.PlannedBatch(epoch=0, width=64, indices=(0, 1))
     plain = train_data.collate(examples, batch, batch_size=2, pad_id=0)
     weighted = train_data.collate(examples, batch, batch_size=2, pad_id=0, decision_tokens=3, decision_weight=4.0)
@@ -199,7 +152,7 @@ def test_default_dataset_reads_file_lists_and_draws_the_ordinary_prompts(tokeniz
 
 
 def test_messages_and_prompt_response_records_agree(tokenizer):
-    prompt, response = PAIRS[1]
+    prompt, response = TRAIN_PAIRS[1]
     eot = train_data.end_of_turn_id(tokenizer)
     a = train_data.encode_record(train_data.parse_record({"prompt": prompt, "response": response}), tokenizer, eot, "a")
     b = train_data.encode_record(train_data.parse_record({"messages": [
@@ -259,7 +212,7 @@ def test_matching_the_starting_model_costs_nothing_at_the_start_and_keeps_it_clo
     at 0, and training on them beside ordinary records keeps it far below those records' loss."""
     def write(path, match_teacher):
         path.write_text("".join(json.dumps({"prompt": p, "response": r, "match_teacher": match_teacher(i)}) + "\n"
-                                for i, (p, r) in enumerate(PAIRS)))
+                                for i, (p, r) in enumerate(TRAIN_PAIRS)))
         return path
 
     # At the start: on match_teacher records alone the first step, whichever batch it is,
@@ -349,10 +302,6 @@ def test_bad_recipe_input_is_one_line_naming_the_fix(capsys):
     assert "expected KEY=VALUE with KEY one of" in capsys.readouterr().err
 
 
-def _final_params(path: Path) -> list[np.ndarray]:
-    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(load_model(path), nnx.Param))]
-
-
 def test_resume_after_sigkill_ends_where_an_uninterrupted_run_ends(tiny_checkpoint, data_file, tmp_path):
     # Enough steps that the run is still going when its first checkpoint appears.
     settings = ["--epochs", "100", "--lr", "3e-3", "--set", "checkpoint_every=50", "--set", "max_steps=null"]
@@ -375,7 +324,7 @@ def test_resume_after_sigkill_ends_where_an_uninterrupted_run_ends(tiny_checkpoi
     assert train.main(train_args(tiny_checkpoint, data_file, killed, *settings)) == 2  # needs --resume
 
     assert train.main(train_args(tiny_checkpoint, data_file, killed, *settings, "--resume")) == 0
-    for resumed, uninterrupted in zip(_final_params(killed / "expert"), _final_params(reference / "expert")):
+    for resumed, uninterrupted in zip(final_params(killed / "expert"), final_params(reference / "expert")):
         np.testing.assert_allclose(resumed, uninterrupted, rtol=1e-6, atol=1e-7)
     steps = [json.loads(line)["step"] for line in (killed / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 301))  # the killed run's extra log lines were dropped on resume
@@ -396,15 +345,15 @@ def test_a_lora_expert_keeps_its_adapter_and_decodes_as_the_merged_one(tiny_chec
     def tokens(expert):
         code = decode.main(["--base", str(tiny_checkpoint), "--expert", str(expert), "--max-new-tokens", "12",
                             "--json", "--reflect", "off", "--alpha", "0.9", "--mode", "always",
-                            "--prompt", PAIRS[0][0], "--prompt", PAIRS[2][0]])
+                            "--prompt", TRAIN_PAIRS[0][0], "--prompt", TRAIN_PAIRS[2][0]])
         captured = capsys.readouterr()
         assert code == 0, captured.err
         return [json.loads(line)["tokens"] for line in captured.out.splitlines()]
 
     assert tokens(adapter_dir) == tokens(tmp_path / "expert")
     other = tmp_path / "other_base"
-    build_tiny_hf("llama", other, seed=3, vocab_size=len(tiny_tokenizer()))  # same shapes, other weights
-    tiny_tokenizer().save_pretrained(str(other))
+    build_tiny_hf("llama", other, seed=3, vocab_size=len(train_tokenizer()))  # same shapes, other weights
+    train_tokenizer().save_pretrained(str(other))
     capsys.readouterr()
     code = decode.main(["--base", str(other), "--expert", str(adapter_dir), "--prompt", "hi"])
     err = capsys.readouterr().err

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_mesh import env_with_8_devices
-from test_train import _final_params, data_file, tiny_checkpoint, tokenizer, train_args  # noqa: F401 (fixtures)
+from conftest import env_with_8_devices, final_params
+from test_train import train_args
 
 from ngsd_jax import train
 
@@ -78,7 +78,7 @@ def test_train_cli_under_mesh_ends_where_one_device_ends(tiny_checkpoint, data_f
     losses = [[json.loads(line)["loss"] for line in log] for log in logs]
     assert len(losses[0]) == 4  # 6 examples / batch 4 (the partial batch padded) x 2 epochs
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
-    for meshed, single in zip(_final_params(tmp_path / "mesh" / "expert"), _final_params(tmp_path / "one" / "expert")):
+    for meshed, single in zip(final_params(tmp_path / "mesh" / "expert"), final_params(tmp_path / "one" / "expert")):
         np.testing.assert_allclose(meshed, single, rtol=1e-4, atol=1e-5)
 
 

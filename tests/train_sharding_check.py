@@ -23,8 +23,8 @@ from ngsd_jax.config import config_from_hf
 from ngsd_jax.loading import load_model, save_params
 from ngsd_jax.lora import apply_lora
 from ngsd_jax.model import Decoder
-from ngsd_jax.sharding import make_mesh, parse_mesh
-from ngsd_jax.train_sharding import place_batch, place_model, place_optimizer_state, state_shardings
+from ngsd_jax.sharding import make_mesh, parse_mesh, shard_model
+from ngsd_jax.train_sharding import place_batch, place_optimizer_state, state_shardings
 
 CONFIG = config_from_hf({"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
                          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
@@ -64,7 +64,7 @@ def run_steps(method, mesh=None):
     """Two steps; returns losses, grad norms, the final trainable state (host) and placements."""
     m = model(method)
     if mesh is not None:
-        place_model(m, mesh)
+        shard_model(m, mesh)
     graph, trainable, frozen = nnx.split(m, nnx.LoRAParam if method == "lora" else nnx.Param, ...)
     initial = jax.tree.map(jnp.copy, trainable)
     opt = optimizer()
@@ -96,7 +96,7 @@ def run_steps(method, mesh=None):
 def checkpoints(tmp: Path):
     """Training state and model checkpoints saved on one mesh, restored onto another and onto one device."""
     source = make_mesh(parse_mesh("data=2,fsdp=2,tensor=2"))
-    m = place_model(model("full"), source)
+    m = shard_model(model("full"), source)
     graph, trainable, frozen = nnx.split(m, nnx.Param, ...)
     opt = optimizer()
     opt_state = place_optimizer_state(opt, opt.init(trainable), trainable, source)
@@ -115,7 +115,7 @@ def checkpoints(tmp: Path):
         target = None if name == "one device" else make_mesh(parse_mesh(name))
         fresh = model("full")
         if target is not None:
-            place_model(fresh, target)
+            shard_model(fresh, target)
         fresh_graph, fresh_trainable, fresh_frozen = nnx.split(fresh, nnx.Param, ...)
         fresh_opt = opt.init(fresh_trainable)
         if target is not None:
