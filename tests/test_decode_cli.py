@@ -364,12 +364,12 @@ def test_the_default_pair_decodes_with_its_preset_and_named_models_with_the_pape
     assert decode.resolve_options(parser.parse_args(["--prompt", "hi", "--reflect", "json"])).reflect == "json"
 
 
-def test_scan_layers_flag_decodes_the_same_tokens(pair, capsys, monkeypatch):
+def test_scan_layers_flag_decodes_the_same_tokens(chat_pair, capsys, monkeypatch):
     from ngsd_jax import engine
 
     stacked, stack_layers = [], engine.stack_layers
     monkeypatch.setattr(engine, "stack_layers", lambda model: stacked.append(model) or stack_layers(model))
-    base, expert = pair
+    base, expert = chat_pair
     args = ["--base", base, "--expert", expert, "--max-new-tokens", "10", "--json", "--reflect", "logit"]
     for p in PROMPTS:
         args += ["--prompt", p]
