@@ -113,7 +113,7 @@ def main():
             prompts = rng.integers(3, vocab, size=(batch, prompt_len)).tolist()
             for mode in ("base", "ngsd"):
                 settings = DecodeSettings(mode=mode, max_new_tokens=n)
-                cases[(mode, batch)] = (lambda p=prompts, s=settings: engine.decode(p, settings=s))
+                cases[(mode, batch)] = (lambda p=prompts, s=settings, e=engine: e.decode(p, settings=s))
         compile_s, timings = {}, {key: [] for key in cases}
         for key, run in cases.items():
             started = time.perf_counter()

@@ -153,9 +153,7 @@ def main():
     mapping_grid = [tuple(float(x) for x in s.split(",")) for s in args.risk_thresholds.split(";")]
     alphas = sorted({a for levels in level_grid for a in levels if a > 0})
 
-    sets = {name: heldout(name) for name in args.sets}
-    sets = {name: ([prompts[int(i)] for i in np.linspace(0, len(prompts) - 1, args.limit)]
-                   if 0 < args.limit < len(prompts) else prompts) for name, prompts in sets.items() if prompts}
+    sets = {name: prompts for name in args.sets if (prompts := heldout(name, args.limit))}
     base_path = args.base or str(default_base_path())
     expert_path = args.expert or default_expert_path()
     tok = load_tokenizer(base_path)

@@ -21,8 +21,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from ngsd_jax import eval as evaluate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/light_touch.py
@@ -39,10 +37,7 @@ def write_heldout(path: Path, per_set: int = 0) -> dict[str, str]:
     sets = {}
     with path.open("w", encoding="utf-8") as f:
         for name in SETS:
-            prompts = heldout(name)
-            if 0 < per_set < len(prompts):
-                prompts = [prompts[int(i)] for i in np.linspace(0, len(prompts) - 1, per_set)]
-            for prompt in prompts:
+            for prompt in heldout(name, per_set):
                 f.write(json.dumps({"prompt": prompt, "label": name}) + "\n")
                 sets[prompt] = name
     return sets

@@ -36,10 +36,15 @@ SETS = {"harmful": ("harmful.jsonl", "harmful_tasks.jsonl"), "benign": ("benign.
         "ordinary": ("ordinary.jsonl",)}
 
 
-def heldout(name: str) -> list[str]:
+def heldout(name: str, limit: int = 0) -> list[str]:
+    """The held-out prompts of one set; `limit` > 0 keeps that many evenly spaced ones, so every
+    category and file of the set stays represented."""
     rows = [json.loads(line) for file in SETS[name] if (DATA / file).is_file()
             for line in (DATA / file).read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [r["prompt"] for r in rows if r["split"] == "heldout"]
+    prompts = [r["prompt"] for r in rows if r["split"] == "heldout"]
+    if 0 < limit < len(prompts):
+        prompts = [prompts[int(i)] for i in np.linspace(0, len(prompts) - 1, limit)]
+    return prompts
 
 
 def roc_auc(positive, negative) -> float:
@@ -88,10 +93,7 @@ def main():
     from ngsd_jax.reflection import AlphaMapping, ExpertRisk, reflect, refusal_opening_mask
     from ngsd_jax.tokenizer import encode_chat, load_tokenizer, stop_token_ids
 
-    sets = {name: heldout(name) for name in args.sets}
-    # --limit takes evenly spaced prompts, so every category and file of a set stays represented.
-    sets = {name: ([prompts[int(i)] for i in np.linspace(0, len(prompts) - 1, args.limit)]
-                   if 0 < args.limit < len(prompts) else prompts) for name, prompts in sets.items() if prompts}
+    sets = {name: prompts for name in args.sets if (prompts := heldout(name, args.limit))}
     base_path = args.base or str(default_base_path())
     expert_path = args.expert or default_expert_path()
     tok = load_tokenizer(base_path)
