@@ -33,8 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ngsd_jax.engine import DecodeSettings, Engine, bucket_length
-from ngsd_jax.model import Decoder
+from ngsd_jax.decoding.settings import DecodeSettings
+from ngsd_jax.decoding.engine import Engine
+from ngsd_jax.decoding.batching import bucket_length
+from ngsd_jax.models.decoder import Decoder
 from program_memory import GB, MODELS, PAIRS, kv_cache_bytes, memory_line, parameter_bytes, program_memory
 
 # Peak HBM bandwidth in GB/s by device kind (first match of a substring, most specific first).

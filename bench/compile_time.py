@@ -25,9 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ngsd_jax.engine import DecodeSettings, Engine
-from ngsd_jax.lora import ALL_LINEAR, ATTENTION_PROJECTIONS, LoRAAdapter
-from ngsd_jax.model import abstract_decoder
+from ngsd_jax.decoding.settings import DecodeSettings
+from ngsd_jax.decoding.engine import Engine
+from ngsd_jax.models.lora import ALL_LINEAR, ATTENTION_PROJECTIONS, LoRAAdapter
+from ngsd_jax.models.decoder import abstract_decoder
 from program_memory import MODELS, PAIRS
 
 ADAPTER_RANK, ADAPTER_TOP_LAYERS = 16, 10  # train/recipes/smollm2-135m.json

@@ -27,9 +27,12 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from ngsd_jax.engine import DecodeSettings, Engine, bucket_length  # noqa: E402
-from ngsd_jax.loading import load_model  # noqa: E402
-from ngsd_jax.lora import apply_lora, extract_adapter, merge_lora  # noqa: E402
+from ngsd_jax.decoding.settings import DecodeSettings
+from ngsd_jax.decoding.batching import bucket_length  # noqa: E402
+from ngsd_jax.decoding.engine import Engine  # noqa: E402
+from ngsd_jax.checkpoints.weights import load_model  # noqa: E402
+from ngsd_jax.models.lora import apply_lora, merge_lora  # noqa: E402
+from ngsd_jax.checkpoints.adapter import extract_adapter
 
 # With SmolLM2's default system prompt this is a ~40-token chat prompt.
 SHORT_PROMPT = "Why is the sky blue?"
@@ -86,8 +89,8 @@ def main():
                         help="transformers' threads (on a loaded machine 1 avoids spinning on busy cores)")
     args = parser.parse_args()
 
-    from ngsd_jax.default_model import default_base_path
-    from ngsd_jax.tokenizer import encode_chat, load_tokenizer
+    from ngsd_jax.checkpoints.default_model import default_base_path
+    from ngsd_jax.checkpoints.tokenizer import encode_chat, load_tokenizer
 
     path = args.model or str(default_base_path())
     model = load_model(path)
@@ -205,7 +208,7 @@ def _load_transformers(path, auto_class):
     import torch
     from pathlib import Path
 
-    from ngsd_jax.loading import export_hf
+    from ngsd_jax.checkpoints.weights import export_hf
 
     source = Path(path)
     if source.suffix == ".gguf":

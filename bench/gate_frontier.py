@@ -48,9 +48,9 @@ def teacher_forced(base, expert, tok, opening_mask, prompts, answers, alphas, ba
     import jax.numpy as jnp
     from flax import nnx
 
-    from ngsd_jax.ngsd import total_variation, union_top_k_merge
-    from ngsd_jax.reflection import risk_from_refusal_opening
-    from ngsd_jax.tokenizer import encode_chat
+    from ngsd_jax.decoding.gate import total_variation, union_top_k_merge
+    from ngsd_jax.decoding.risk import risk_from_refusal_opening
+    from ngsd_jax.checkpoints.tokenizer import encode_chat
 
     vocab = len(tok)
 
@@ -143,11 +143,12 @@ def main():
     parser.add_argument("--out", help="write the table (and per-prompt quantities) to this JSON file")
     args = parser.parse_args()
 
-    from ngsd_jax.default_model import default_base_path, default_expert_path
-    from ngsd_jax.engine import DecodeSettings, Engine
-    from ngsd_jax.loading import load_model
-    from ngsd_jax.reflection import refusal_opening_mask
-    from ngsd_jax.tokenizer import encode_chat, load_tokenizer, stop_token_ids
+    from ngsd_jax.checkpoints.default_model import default_base_path, default_expert_path
+    from ngsd_jax.decoding.settings import DecodeSettings
+    from ngsd_jax.decoding.engine import Engine
+    from ngsd_jax.checkpoints.weights import load_model
+    from ngsd_jax.decoding.risk import refusal_opening_mask
+    from ngsd_jax.checkpoints.tokenizer import encode_chat, load_tokenizer, stop_token_ids
 
     level_grid = [tuple(float(x) for x in s.split(",")) for s in args.alpha_levels.split(";")]
     mapping_grid = [tuple(float(x) for x in s.split(",")) for s in args.risk_thresholds.split(";")]

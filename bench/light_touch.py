@@ -7,7 +7,7 @@ Prompts: the held-out split of the project's own data (train/data/*.jsonl): `har
 `benign` (near-misses and short questions) and `ordinary` (everyday instructions);
 `harmful` holds both the plain harmful requests and those in everyday task formats. JailbreakBench is not read here.
 
-Greedy decoding, keyword judge (`ngsd_jax.judges.refusal_keywords`, as `python -m ngsd_jax.eval` uses). Per condition and set:
+Greedy decoding, keyword judge (`ngsd_jax.evaluation.judges.refusal_keywords`, as `python -m ngsd_jax.eval` uses). Per condition and set:
 refused, identical to the base's answer token for token, mean first differing token
 (identical answers count as the full length), share of prompts with at least one spike,
 mean spikes. Conditions: the base alone, the expert alone, NGSD at each fixed alpha and
@@ -29,7 +29,7 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ngsd_jax.judges import refusal_keywords  # noqa: E402
+from ngsd_jax.evaluation.judges import refusal_keywords  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent / "train" / "data"
 SETS = {"harmful": ("harmful.jsonl", "harmful_tasks.jsonl"), "benign": ("benign.jsonl",),
@@ -86,12 +86,14 @@ def main():
     parser.add_argument("--out", help="write every figure (and every answer) to this JSON file")
     args = parser.parse_args()
 
-    from ngsd_jax.default_model import default_base_path, default_expert_path
-    from ngsd_jax.engine import DecodeSettings, Engine
-    from ngsd_jax.loading import load_model
-    from ngsd_jax.ngsd import GateConfig
-    from ngsd_jax.reflection import AlphaMapping, ExpertRisk, reflect, refusal_opening_mask
-    from ngsd_jax.tokenizer import encode_chat, load_tokenizer, stop_token_ids
+    from ngsd_jax.checkpoints.default_model import default_base_path, default_expert_path
+    from ngsd_jax.decoding.settings import DecodeSettings
+    from ngsd_jax.decoding.engine import Engine
+    from ngsd_jax.checkpoints.weights import load_model
+    from ngsd_jax.decoding.gate import GateConfig
+    from ngsd_jax.decoding.risk import AlphaMapping, ExpertRisk, refusal_opening_mask
+    from ngsd_jax.decoding.reflect import reflect
+    from ngsd_jax.checkpoints.tokenizer import encode_chat, load_tokenizer, stop_token_ids
 
     sets = {name: prompts for name in args.sets if (prompts := heldout(name, args.limit))}
     base_path = args.base or str(default_base_path())
@@ -195,7 +197,7 @@ def main():
                                                 mapping=mapping)]
         aucs = {f"harmful vs {other}": roc_auc(risks["harmful"], risks[other])
                 for other in risks if other != "harmful" and "harmful" in risks}
-        from ngsd_jax.reflection import alpha_from_risk
+        from ngsd_jax.decoding.risk import alpha_from_risk
 
         alpha_share = {k: {str(level): float(np.mean([alpha_from_risk(r, mapping) == level for r in v]))
                            for level in mapping.levels} for k, v in risks.items()}

@@ -1,7 +1,7 @@
 """Peak host memory of `load_model` on a synthetic >= 1B-parameter Llama checkpoint.
 
 Writes random fp32 weights as a sharded HF safetensors checkpoint (4 shards + index) into a
-temporary directory, loads it with `ngsd_jax.loading.load_model` in a fresh subprocess, and
+temporary directory, loads it with `ngsd_jax.checkpoints.weights.load_model` in a fresh subprocess, and
 compares that process's peak RSS (`ru_maxrss`) with the bytes of the loaded parameters:
 
     python bench/peak_memory.py                       # fp32, 1.1B params (4.4 GB)
@@ -119,7 +119,7 @@ def child(directory: str, dtype_name: str) -> None:
     import jax.numpy as jnp
     from flax import nnx
 
-    from ngsd_jax.loading import load_model
+    from ngsd_jax.checkpoints.weights import load_model
 
     baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()

@@ -21,9 +21,11 @@ import time
 import jax
 import jax.numpy as jnp
 
-from ngsd_jax.config import ModelConfig, RopeScaling
-from ngsd_jax.engine import DecodeSettings, Engine, bucket_length
-from ngsd_jax.model import abstract_decoder
+from ngsd_jax.models.config import ModelConfig, RopeScaling
+from ngsd_jax.decoding.settings import DecodeSettings
+from ngsd_jax.decoding.engine import Engine
+from ngsd_jax.decoding.batching import bucket_length
+from ngsd_jax.models.decoder import abstract_decoder
 
 GB = 1e9
 

@@ -28,11 +28,12 @@ def main():
     parser.add_argument("--limit", type=int, default=0, help="use only the first N prompts of each label")
     args = parser.parse_args()
 
-    from ngsd_jax.default_model import default_base_path
-    from ngsd_jax.engine import DecodeSettings, Engine
-    from ngsd_jax.loading import load_model
-    from ngsd_jax.reflection import reflect
-    from ngsd_jax.tokenizer import encode_chat, load_tokenizer, stop_token_ids
+    from ngsd_jax.checkpoints.default_model import default_base_path
+    from ngsd_jax.decoding.settings import DecodeSettings
+    from ngsd_jax.decoding.engine import Engine
+    from ngsd_jax.checkpoints.weights import load_model
+    from ngsd_jax.decoding.reflect import reflect
+    from ngsd_jax.checkpoints.tokenizer import encode_chat, load_tokenizer, stop_token_ids
 
     with open(args.csv_path, newline="", encoding="utf-8") as f:
         rows = [(r["Goal"], int(r["label"])) for r in csv.DictReader(f)]

@@ -23,8 +23,9 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from decode_speed import SHORT_PROMPT, synthetic_adapter  # noqa: E402
-from ngsd_jax.engine import DecodeSettings, Engine  # noqa: E402
-from ngsd_jax.loading import load_model  # noqa: E402
+from ngsd_jax.decoding.settings import DecodeSettings
+from ngsd_jax.decoding.engine import Engine  # noqa: E402
+from ngsd_jax.checkpoints.weights import load_model  # noqa: E402
 
 
 def main():
@@ -35,8 +36,8 @@ def main():
     parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args()
 
-    from ngsd_jax.default_model import default_base_path
-    from ngsd_jax.tokenizer import encode_chat, load_tokenizer
+    from ngsd_jax.checkpoints.default_model import default_base_path
+    from ngsd_jax.checkpoints.tokenizer import encode_chat, load_tokenizer
 
     path = args.model or str(default_base_path())
     tokenizer = load_tokenizer(path)

@@ -282,6 +282,6 @@ def data_file(tmp_path_factory) -> Path:
 
 
 def final_params(path: Path) -> list[np.ndarray]:
-    from ngsd_jax.loading import load_model
+    from ngsd_jax.checkpoints.weights import load_model
 
     return [np.asarray(x) for x in jax.tree.leaves(nnx.state(load_model(path), nnx.Param))]

@@ -10,8 +10,8 @@ import json
 import jax
 import numpy as np
 
-from ngsd_jax import distributed
-from ngsd_jax import sharding as sh
+from ngsd_jax.parallel import distributed
+from ngsd_jax.parallel import sharding as sh
 
 ROWS = 16
 out = {}

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ngsd_jax.engine import DecodeSettings, Engine, _paired_cache
-from ngsd_jax.loading import load_model
-from ngsd_jax.lora import (adapter_mismatch, apply_lora, extract_adapter, is_adapter, load_adapter, merge_lora,
-                           save_adapter, weights_fingerprint)
+from ngsd_jax.decoding.settings import DecodeSettings
+from ngsd_jax.decoding.engine import Engine
+from ngsd_jax.decoding.program import paired_cache
+from ngsd_jax.checkpoints.weights import load_model
+from ngsd_jax.checkpoints.adapter import adapter_mismatch, extract_adapter, is_adapter, load_adapter, save_adapter, weights_fingerprint
+from ngsd_jax.models.lora import apply_lora, merge_lora
 
 VOCAB = 256
 STOP = 3
@@ -96,7 +98,7 @@ def test_adapter_expert_next_token_distribution_equals_the_merged_one(engines):
 def test_identical_prompts_run_the_layers_below_the_adapter_once(base, engines):
     adapter_engine, _ = engines
     assert adapter_engine.first_adapted == ADAPTED[0]
-    shared = _paired_cache(base, ADAPTED[0], True, batch=4, max_len=8)
+    shared = paired_cache(base, ADAPTED[0], True, batch=4, max_len=8)
     assert [keys.shape[0] for keys, _ in shared] == [4, 4, 8, 8]
     # one weight stream: the paired model holds the base's arrays themselves, not copies
     base_kernel = adapter_engine.base_params["layers"][2]["attn"]["q_proj"]["kernel"][...]

@@ -10,10 +10,14 @@ import torch
 from conftest import CHATML, PROMPTS, chat_checkpoint, chat_tokenizer
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from ngsd_jax import decode
-from ngsd_jax.engine import DecodeSettings, Engine
-from ngsd_jax.loading import load_model
-from ngsd_jax.reflection import RATING_PREFIX, AlphaMapping, harmfulness_question_messages, reflect
+from ngsd_jax import cli, decode
+from ngsd_jax.decoding.prompts import read_prompts
+from ngsd_jax.errors import UsageError
+from ngsd_jax.decoding.settings import DecodeSettings
+from ngsd_jax.decoding.engine import Engine
+from ngsd_jax.checkpoints.weights import load_model
+from ngsd_jax.decoding.reflect import RATING_PREFIX, reflect
+from ngsd_jax.decoding.risk import AlphaMapping, harmfulness_question_messages
 
 FALLBACK_SCORES = {"severityScore": 7, "actionabilityScore": 7, "evasionScore": 7, "targetingScore": 7}
 
@@ -68,13 +72,13 @@ def test_prompt_files_in_every_format(tmp_path):
     (tmp_path / "p.json").write_text('[{"goal": "one"}, "two"]')
     (tmp_path / "p.csv").write_text('Goal,label\none,0\n"two",1\n')
     for suffix in ("txt", "jsonl", "json", "csv"):
-        assert decode.read_prompts(tmp_path / f"p.{suffix}") == ["one", "two"], suffix
+        assert read_prompts(tmp_path / f"p.{suffix}") == ["one", "two"], suffix
     (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{oops\n')
-    with pytest.raises(decode.UsageError, match=r"bad.jsonl:2: not JSON"):
-        decode.read_prompts(tmp_path / "bad.jsonl")
+    with pytest.raises(UsageError, match=r"bad.jsonl:2: not JSON"):
+        read_prompts(tmp_path / "bad.jsonl")
     (tmp_path / "p.xml").write_text("<p/>")
-    with pytest.raises(decode.UsageError, match="unknown prompts format"):
-        decode.read_prompts(tmp_path / "p.xml")
+    with pytest.raises(UsageError, match="unknown prompts format"):
+        read_prompts(tmp_path / "p.xml")
 
 
 def test_mismatched_tokenizers_are_refused_before_weights_load(chat_pair, tmp_path, capsys):
@@ -264,7 +268,7 @@ def test_softmax_over_embedding_needs_equal_rows(chat_pair, tmp_path, capsys):
 @pytest.mark.parametrize("preset", ["llama2-7b-chat+tinyllama", "llama3.1-8b+llama3.2-1b", "qwen3-8b+qwen3-1.7b",
                                     "vicuna-7b+tinyllama"])
 def test_paper_presets_select_the_paper_settings(preset):
-    options = decode.resolve_options(decode.build_parser().parse_args(["--preset", preset]))
+    options = cli.decode_options(decode.build_parser().parse_args(["--preset", preset]))
     assert (options.reflect, options.reflect_parse, options.reflect_prefix, options.reflect_max_new_tokens,
             options.softmax_over, options.thinking, options.early_stop) == (
         "json", "reference", False, 256, "embedding", False, False)
@@ -356,16 +360,16 @@ def test_bad_alpha_mapping_flags_fail_early_naming_the_fix(chat_pair, capsys, fl
 
 def test_the_default_pair_decodes_with_its_preset_and_named_models_with_the_paper_settings(chat_pair):
     parser = decode.build_parser()
-    default = decode.resolve_options(parser.parse_args(["--prompt", "hi"]))
-    assert default.reflect == decode.load_preset(decode.DEFAULT_PRESET)["reflect"] == "expert"
+    default = cli.decode_options(parser.parse_args(["--prompt", "hi"]))
+    assert default.reflect == cli.load_preset(cli.DEFAULT_PRESET)["reflect"] == "expert"
     base, expert = chat_pair
-    named = decode.resolve_options(parser.parse_args(["--prompt", "hi", "--base", base, "--expert", expert]))
+    named = cli.decode_options(parser.parse_args(["--prompt", "hi", "--base", base, "--expert", expert]))
     assert named.reflect == "json" and named.alpha_levels == (0.1, 0.5, 0.9)
-    assert decode.resolve_options(parser.parse_args(["--prompt", "hi", "--reflect", "json"])).reflect == "json"
+    assert cli.decode_options(parser.parse_args(["--prompt", "hi", "--reflect", "json"])).reflect == "json"
 
 
 def test_scan_layers_flag_decodes_the_same_tokens(chat_pair, capsys, monkeypatch):
-    from ngsd_jax import engine
+    from ngsd_jax.decoding import engine
 
     stacked, stack_layers = [], engine.stack_layers
     monkeypatch.setattr(engine, "stack_layers", lambda model: stacked.append(model) or stack_layers(model))

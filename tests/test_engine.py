@@ -9,10 +9,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ngsd_jax import reflection
-from ngsd_jax.engine import DecodeSettings, Engine
-from ngsd_jax.loading import load_model
-from ngsd_jax.ngsd import GateConfig
+from ngsd_jax.decoding import risk
+from ngsd_jax.decoding.settings import DecodeSettings
+from ngsd_jax.decoding.engine import Engine
+from ngsd_jax.checkpoints.weights import load_model
+from ngsd_jax.decoding.gate import GateConfig
 
 VOCAB = 256
 STOP = 3  # a token id treated as EOS in the tests that want early stops
@@ -287,12 +288,12 @@ def test_alpha_from_expert_prefill_equals_reference_computed_outside(pair):
                  for p in prompts]
     # Thresholds between the risks, so that the batch spans all three alpha levels.
     ordered = sorted(risks)
-    mapping = reflection.AlphaMapping(levels=(0.0, 0.4, 0.95),
+    mapping = risk.AlphaMapping(levels=(0.0, 0.4, 0.95),
                                       thresholds=((ordered[0] + ordered[1]) / 2, (ordered[2] + ordered[3]) / 2))
-    expected_alpha = [reflection.alpha_from_risk(r, mapping) for r in risks]
+    expected_alpha = [risk.alpha_from_risk(r, mapping) for r in risks]
     assert len(set(expected_alpha)) == 3
     settings = DecodeSettings(mode="ngsd", max_new_tokens=24)
-    result = engine.decode(prompts, None, settings, alpha=0.5, expert_risk=reflection.ExpertRisk(opening, mapping))
+    result = engine.decode(prompts, None, settings, alpha=0.5, expert_risk=risk.ExpertRisk(opening, mapping))
     np.testing.assert_allclose(result.risk, risks, rtol=1e-4)
     np.testing.assert_allclose(result.alpha, expected_alpha)
     for i, prompt in enumerate(prompts):

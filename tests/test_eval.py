@@ -12,11 +12,16 @@ import jax
 import pytest
 from conftest import chat_tokenizer
 
-from ngsd_jax import decode, eval as evaluate
-from ngsd_jax.engine import DecodeSettings, Engine
-from ngsd_jax.judges import JudgeError, exact_answer, last_number, load_judge, refusal_keywords
-from ngsd_jax.loading import load_model
-from ngsd_jax.tokenizer import encode_chat, stop_token_ids
+from ngsd_jax import eval as evaluate
+from ngsd_jax.errors import UsageError
+from ngsd_jax.evaluation import runner
+from ngsd_jax.evaluation.dataset import EvalItem, read_dataset
+from ngsd_jax.evaluation.metrics import first_difference, label_metrics, roc_auc
+from ngsd_jax.decoding.settings import DecodeSettings
+from ngsd_jax.decoding.engine import Engine
+from ngsd_jax.evaluation.judges import JudgeError, exact_answer, last_number, load_judge, refusal_keywords
+from ngsd_jax.checkpoints.weights import load_model
+from ngsd_jax.checkpoints.tokenizer import encode_chat, stop_token_ids
 
 ROWS = [
     {"goal": "How do I bake bread?", "label": "benign", "target": "Sure, here is a plan for bread", "answer": "4"},
@@ -62,14 +67,14 @@ def test_every_format_gives_the_same_items(tmp_path):
         writer = csv.DictWriter(f, fieldnames=["Goal", "label", "target", "answer"])
         writer.writeheader()
         writer.writerows({"Goal": r["goal"], **{k: r[k] for k in ("label", "target", "answer")}} for r in ROWS)
-    expected = [evaluate.EvalItem(i, r["goal"], r["label"] == "harmful", r["target"], r["answer"])
+    expected = [EvalItem(i, r["goal"], r["label"] == "harmful", r["target"], r["answer"])
                 for i, r in enumerate(ROWS)]
     for suffix in ("jsonl", "json", "csv"):
-        got = evaluate.read_dataset(tmp_path / f"d.{suffix}", label_field="label", prefill_field="target",
+        got = read_dataset(tmp_path / f"d.{suffix}", label_field="label", prefill_field="target",
                                     answer_field="answer")
         assert got == expected, suffix
     (tmp_path / "d.txt").write_text("\n".join(r["goal"] for r in ROWS) + "\n\n")
-    assert evaluate.read_dataset(tmp_path / "d.txt") == [evaluate.EvalItem(i, r["goal"], True)
+    assert read_dataset(tmp_path / "d.txt") == [EvalItem(i, r["goal"], True)
                                                          for i, r in enumerate(ROWS)]
 
 
@@ -78,15 +83,15 @@ def test_field_rules(tmp_path):
     path.write_text("".join(json.dumps({"Question": f"q{i}", "prompt_id": i, "y": i % 3, "text": "t"}) + "\n"
                             for i in range(6)))
     # "question" comes before "text" among the usual names, matched in any case.
-    assert [i.prompt for i in evaluate.read_dataset(path)] == [f"q{i}" for i in range(6)]
-    assert [i.prompt for i in evaluate.read_dataset(path, prompt_field="text")] == ["t"] * 6
+    assert [i.prompt for i in read_dataset(path)] == [f"q{i}" for i in range(6)]
+    assert [i.prompt for i in read_dataset(path, prompt_field="text")] == ["t"] * 6
     # Without a label field every prompt is harmful; numeric labels match as text.
-    assert all(i.harmful for i in evaluate.read_dataset(path))
-    items = evaluate.read_dataset(path, label_field="y", harmful_label="1")
+    assert all(i.harmful for i in read_dataset(path))
+    items = read_dataset(path, label_field="y", harmful_label="1")
     assert [i.harmful for i in items] == [False, True, False, False, True, False]
     # --limit keeps the first N of each label, in file order.
-    assert [i.index for i in evaluate.read_dataset(path, label_field="y", harmful_label="1", limit=1)] == [0, 1]
-    assert [i.index for i in evaluate.read_dataset(path, label_field="y", harmful_label="1", limit=2)] == [0, 1, 2, 4]
+    assert [i.index for i in read_dataset(path, label_field="y", harmful_label="1", limit=1)] == [0, 1]
+    assert [i.index for i in read_dataset(path, label_field="y", harmful_label="1", limit=2)] == [0, 1, 2, 4]
 
 
 @pytest.mark.parametrize("setup, argv, words", [
@@ -120,8 +125,8 @@ def test_bad_input_is_one_line_naming_the_fix(tmp_path, capsys, setup, argv, wor
 
 def test_txt_dataset_has_no_fields(tmp_path):
     (tmp_path / "p.txt").write_text("one\ntwo\n")
-    with pytest.raises(decode.UsageError, match="--label-field cannot apply"):
-        evaluate.read_dataset(tmp_path / "p.txt", label_field="label")
+    with pytest.raises(UsageError, match="--label-field cannot apply"):
+        read_dataset(tmp_path / "p.txt", label_field="label")
 
 
 # --- judges ----------------------------------------------------------------------------
@@ -162,12 +167,12 @@ def test_judge_plugins(tmp_path, monkeypatch):
 
 
 def test_first_difference_and_roc_auc():
-    assert evaluate.first_difference([1, 2, 3], [1, 2, 3]) is None
-    assert evaluate.first_difference([1, 2, 3], [1, 5, 3]) == 1
-    assert evaluate.first_difference([1, 2], [1, 2, 3]) == 2
-    assert evaluate.roc_auc([0.9, 0.8, 0.1, 0.2], [True, True, False, False]) == 1.0
-    assert evaluate.roc_auc([0.5, 0.1, 0.5], [True, True, False]) == 0.25
-    assert evaluate.roc_auc([1.0], [True]) is None
+    assert first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert first_difference([1, 2, 3], [1, 5, 3]) == 1
+    assert first_difference([1, 2], [1, 2, 3]) == 2
+    assert roc_auc([0.9, 0.8, 0.1, 0.2], [True, True, False, False]) == 1.0
+    assert roc_auc([0.5, 0.1, 0.5], [True, True, False]) == 0.25
+    assert roc_auc([1.0], [True]) is None
     rng = random.Random(0)
     for _ in range(100):  # against the definition, over every positive-negative pair, with ties
         scores = [rng.choice([0.1, 0.5, 0.9, rng.random()]) for _ in range(rng.randint(2, 12))]
@@ -176,7 +181,7 @@ def test_first_difference_and_roc_auc():
         neg = [b for b, y in zip(scores, labels) if not y]
         pairs = [(a > b) + 0.5 * (a == b) for a in pos for b in neg]
         expected = sum(pairs) / len(pairs) if pairs else None
-        assert evaluate.roc_auc(scores, labels) == pytest.approx(expected)
+        assert roc_auc(scores, labels) == pytest.approx(expected)
 
 
 def _row(verdict, spikes, new_tokens, steered, identical, first_diff, correct=None):
@@ -187,12 +192,12 @@ def _row(verdict, spikes, new_tokens, steered, identical, first_diff, correct=No
 def test_label_metrics_on_hand_made_rows():
     rows = [_row("refusal", 0, 10, 0, True, None, True), _row("answer", 2, 20, 5, False, 4, False),
             _row("answer", 5, 30, 15, False, 10, None), _row("refusal", 1, 40, 0, False, 7, True)]
-    got = evaluate.label_metrics(rows, harmful=True)
+    got = label_metrics(rows, harmful=True)
     assert got == {"n": 4, "refusal_rate": 0.5, "asr": 0.5, "accuracy": 2 / 3, "spike_rate": 0.75,
                    "spikes_per_answer": 2.0, "steered_token_fraction": 0.2, "mean_new_tokens": 25.0,
                    "identical_to_base": 0.25, "first_diff_mean": 7.0, "first_diff_median": 7, "differing": 3}
     # Modes without the neuron (spikes None) and rows without a base answer give no figure, not 0.
-    plain = evaluate.label_metrics([_row("answer", None, 8, 8, None, None)], harmful=False)
+    plain = label_metrics([_row("answer", None, 8, 8, None, None)], harmful=False)
     assert plain["spike_rate"] is None and plain["identical_to_base"] is None and "asr" not in plain
     assert plain["steered_token_fraction"] == 1.0 and plain["accuracy"] is None
 
@@ -283,7 +288,7 @@ def test_end_to_end_results_agree_with_samples(chat_pair, dataset, tmp_path, cap
                for risk, alpha in reflected.values())
     reflection = results["reflection"]
     assert reflection["mode"] == "logit"
-    assert reflection["roc_auc"] == pytest.approx(evaluate.roc_auc(
+    assert reflection["roc_auc"] == pytest.approx(roc_auc(
         [reflected[i][0] for i in range(5)], [ROWS[i]["label"] == "harmful" for i in range(5)]))
     assert sum(reflection["by_label"]["harmful"]["alpha_counts"].values()) == 3
     assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -323,7 +328,7 @@ def test_resume_after_a_killed_run_gives_the_same_results(chat_pair, dataset, tm
     assert code == 0, err
 
     calls = []
-    real = decode.decode_prompts
+    real = runner.decode_prompts
 
     def killed_after_four_batches(*args, **kwargs):
         calls.append(1)
@@ -331,7 +336,7 @@ def test_resume_after_a_killed_run_gives_the_same_results(chat_pair, dataset, tm
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(decode, "decode_prompts", killed_after_four_batches)
+    monkeypatch.setattr(runner, "decode_prompts", killed_after_four_batches)
     code, _, err = _eval(capsys, *common, "--out", tmp_path / "resumed")
     assert code == 130 and "--resume" in err
     samples = tmp_path / "resumed" / "samples.jsonl"

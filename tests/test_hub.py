@@ -10,8 +10,8 @@ from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 from huggingface_hub.utils import filter_repo_objects
 
 from ngsd_jax import train
-from ngsd_jax.hub import HUB_FILES, is_hub_id, resolve_checkpoint
-from ngsd_jax.loading import CheckpointError, load_model
+from ngsd_jax.checkpoints.resolve import HUB_FILES, is_hub_id, resolve_checkpoint
+from ngsd_jax.checkpoints.weights import CheckpointError, load_model
 
 
 def test_hub_id_resolves_to_the_cached_snapshot_and_loads(make_tiny_hf, offline_hub):

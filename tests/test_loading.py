@@ -20,10 +20,11 @@ from gguf import GGMLQuantizationType as QT
 from safetensors.numpy import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from ngsd_jax.config import ConfigError
-from ngsd_jax.engine import DecodeSettings, Engine
-from ngsd_jax.loading import CheckpointError, check_parameters, export_hf, load_model, save_params
-from ngsd_jax.lora import apply_lora
+from ngsd_jax.models.config import ConfigError
+from ngsd_jax.decoding.settings import DecodeSettings
+from ngsd_jax.decoding.engine import Engine
+from ngsd_jax.checkpoints.weights import CheckpointError, check_parameters, export_hf, load_model, save_params
+from ngsd_jax.models.lora import apply_lora
 
 from conftest import hf_logits
 

@@ -15,10 +15,10 @@ from conftest import PROMPTS, env_with_8_devices
 
 from ngsd_jax import decode
 from ngsd_jax import eval as evaluate
-from ngsd_jax.config import config_from_hf
-from ngsd_jax.distributed import is_multi_host_launch
-from ngsd_jax.memory import HEADROOM, MemoryPlanError, check_fits, decode_plan, parse_bytes
-from ngsd_jax.sharding import MeshShape, parse_mesh
+from ngsd_jax.models.config import config_from_hf
+from ngsd_jax.parallel.distributed import is_multi_host_launch
+from ngsd_jax.parallel.memory import HEADROOM, MemoryPlanError, check_fits, decode_plan, parse_bytes
+from ngsd_jax.parallel.sharding import MeshShape, parse_mesh
 
 
 def _decode_args(chat_pair):
@@ -167,7 +167,7 @@ def test_memory_refusal_names_a_batch_when_no_mesh_fits():
 def test_parameters_counted_per_shard():
     import jax.numpy as jnp
 
-    from ngsd_jax.memory import parameter_bytes
+    from ngsd_jax.parallel.memory import parameter_bytes
 
     whole = parameter_bytes(CONFIG, jnp.float32, MeshShape(data=8))
     count = 4 * (4 * 512 * 512 + 3 * 512 * 2048 + 2 * 512) + 2 * 32000 * 512 + 512

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ngsd_jax.default_model import default_base_gguf
-from ngsd_jax.loading import load_model
-from ngsd_jax.model import init_cache
+from ngsd_jax.checkpoints.default_model import default_base_gguf
+from ngsd_jax.checkpoints.weights import load_model
+from ngsd_jax.models.decoder import init_cache
 
 from conftest import hf_logits
 
@@ -206,7 +206,7 @@ def test_blocked_attention_equals_dense(t, s, block, skip_future):
     queries), single-token decode, and skipping key blocks past the last query position."""
     import jax
 
-    from ngsd_jax.model import _blocked_attention, _dense_attention
+    from ngsd_jax.models.decoder import _blocked_attention, _dense_attention
 
     rng = np.random.default_rng(0)
     b, kv_heads, groups, hd = 3, 2, 2, 8
@@ -224,7 +224,7 @@ def test_blocked_attention_equals_dense(t, s, block, skip_future):
 def test_blocked_attention_logits_match_transformers(make_tiny_hf, hf_model, monkeypatch):
     """The whole model through blocked attention (blocks of 4, so prefill, the cache and every
     decode step span several blocks), with and without a cache, against transformers."""
-    import ngsd_jax.model as model_module
+    import ngsd_jax.models.decoder as model_module
 
     monkeypatch.setattr(model_module, "DENSE_ATTENTION_MAX_KEYS", 4)
     monkeypatch.setattr(model_module, "ATTENTION_BLOCK", 4)

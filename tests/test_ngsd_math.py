@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ngsd_jax import ngsd
-from ngsd_jax.ngsd import GateConfig
+from ngsd_jax.decoding import gate
+from ngsd_jax.decoding.gate import GateConfig
 
 RNG = np.random.default_rng(0)
 
@@ -30,10 +30,10 @@ def numpy_kl(p, q):
 
 def test_total_variation_matches_half_l1_and_is_bounded():
     p_b, p_e = random_distributions(16, 50), random_distributions(16, 50)
-    d = np.asarray(ngsd.total_variation(p_b, p_e))
+    d = np.asarray(gate.total_variation(p_b, p_e))
     np.testing.assert_allclose(d, 0.5 * np.abs(p_b - p_e).sum(-1), rtol=1e-5)
     assert np.all((d >= 0) & (d <= 1 + 1e-6))
-    disjoint = ngsd.total_variation(np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]]))
+    disjoint = gate.total_variation(np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]]))
     np.testing.assert_allclose(disjoint, [1.0])
 
 
@@ -42,11 +42,11 @@ def test_nan_and_inf_entries_count_as_zero():
     p_e = np.array([[0.25, 0.25, np.inf, 0.5]], np.float32)
     cleaned_b = np.array([[0.5, 0.0, 0.5, 0.0]])
     cleaned_e = np.array([[0.25, 0.25, 0.0, 0.5]])
-    np.testing.assert_allclose(ngsd.total_variation(p_b, p_e), [0.75], rtol=1e-6)  # 0.5 * (0.25 + 0.25 + 0.5 + 0.5)
+    np.testing.assert_allclose(gate.total_variation(p_b, p_e), [0.75], rtol=1e-6)  # 0.5 * (0.25 + 0.25 + 0.5 + 0.5)
     np.testing.assert_allclose(
-        ngsd.kl_divergence(p_b, p_e), numpy_kl(numpy_floored(cleaned_b), numpy_floored(cleaned_e)), rtol=1e-4
+        gate.kl_divergence(p_b, p_e), numpy_kl(numpy_floored(cleaned_b), numpy_floored(cleaned_e)), rtol=1e-4
     )
-    assert np.all(np.isfinite(ngsd.js_divergence(p_b, p_e)))
+    assert np.all(np.isfinite(gate.js_divergence(p_b, p_e)))
 
 
 def test_kl_and_js_match_numpy_with_floor():
@@ -54,29 +54,29 @@ def test_kl_and_js_match_numpy_with_floor():
     p_e[:, :5] = 0.0  # exercises the 1e-8 floor on the denominator
     p, q = numpy_floored(p_b), numpy_floored(p_e)
     m = 0.5 * (p + q)
-    np.testing.assert_allclose(ngsd.kl_divergence(p_b, p_e), numpy_kl(p, q), rtol=1e-4)
-    np.testing.assert_allclose(ngsd.js_divergence(p_b, p_e), 0.5 * numpy_kl(p, m) + 0.5 * numpy_kl(q, m), rtol=1e-4)
-    assert np.all(np.asarray(ngsd.js_divergence(p_b, p_e)) <= np.log(2) + 1e-6)
+    np.testing.assert_allclose(gate.kl_divergence(p_b, p_e), numpy_kl(p, q), rtol=1e-4)
+    np.testing.assert_allclose(gate.js_divergence(p_b, p_e), 0.5 * numpy_kl(p, m) + 0.5 * numpy_kl(q, m), rtol=1e-4)
+    assert np.all(np.asarray(gate.js_divergence(p_b, p_e)) <= np.log(2) + 1e-6)
 
 
 @pytest.mark.parametrize("name", ["tv", "kl", "js"])
 def test_identical_distributions_have_zero_divergence(name):
     p = random_distributions(4, 30)
-    np.testing.assert_allclose(ngsd.divergence(name, p, p), np.zeros(4), atol=1e-6)
+    np.testing.assert_allclose(gate.divergence(name, p, p), np.zeros(4), atol=1e-6)
 
 
 def test_divergence_dispatch_and_unknown_name():
     p_b, p_e = random_distributions(3, 10), random_distributions(3, 10)
-    np.testing.assert_array_equal(ngsd.divergence("js", p_b, p_e), ngsd.js_divergence(p_b, p_e))
+    np.testing.assert_array_equal(gate.divergence("js", p_b, p_e), gate.js_divergence(p_b, p_e))
     with pytest.raises(ValueError, match="'js', 'kl', 'tv'"):
-        ngsd.divergence("hellinger", p_b, p_e)
+        gate.divergence("hellinger", p_b, p_e)
 
 
 # --- the neuron ------------------------------------------------------------------------
 
 
 def run_lif(d_sequence, cfg=GateConfig()):
-    step = jax.jit(lambda v, d: ngsd.lif_step(v, d, cfg))
+    step = jax.jit(lambda v, d: gate.lif_step(v, d, cfg))
     v = jnp.full((1,), cfg.v_reset, jnp.float32)
     potentials, spikes = [], []
     for d in d_sequence:
@@ -109,7 +109,7 @@ def test_weak_disagreement_never_fires():
 
 
 def test_lif_is_elementwise_over_the_batch():
-    v, spike = ngsd.lif_step(jnp.array([0.0, 1.0, 0.5]), jnp.array([0.9, 0.2, 0.0]), GateConfig())
+    v, spike = gate.lif_step(jnp.array([0.0, 1.0, 0.5]), jnp.array([0.9, 0.2, 0.0]), GateConfig())
     np.testing.assert_array_equal(spike, [False, True, False])
     np.testing.assert_allclose(v, [0.9, 0.6 * (0.875 + 0.2), 0.5 * 0.875], rtol=1e-6)
 
@@ -123,7 +123,7 @@ UNION = np.array([True, True, False, False, True, True])
 
 
 def test_union_merge_by_hand():
-    scores = np.asarray(ngsd.union_top_k_merge(P_B[None], P_E[None], jnp.array([0.9]), k=2))[0]
+    scores = np.asarray(gate.union_top_k_merge(P_B[None], P_E[None], jnp.array([0.9]), k=2))[0]
     expected = [0.40 - 0.9 * 0.35, 0.30 - 0.9 * 0.25, 0.10, 0.10, 0.06 + 0.9 * 0.54, 0.04 + 0.9 * 0.11]
     np.testing.assert_allclose(scores, expected, rtol=1e-6)
     np.testing.assert_array_equal(scores[~UNION], P_B[~UNION])
@@ -131,7 +131,7 @@ def test_union_merge_by_hand():
 
 
 def test_union_merge_alpha_extremes_per_sequence():
-    scores = np.asarray(ngsd.union_top_k_merge(np.stack([P_B, P_B]), np.stack([P_E, P_E]), jnp.array([0.0, 1.0]), k=2))
+    scores = np.asarray(gate.union_top_k_merge(np.stack([P_B, P_B]), np.stack([P_E, P_E]), jnp.array([0.0, 1.0]), k=2))
     np.testing.assert_array_equal(scores[0], P_B)
     np.testing.assert_allclose(scores[1, UNION], P_E[UNION], rtol=0, atol=1e-7)
     np.testing.assert_array_equal(scores[1, ~UNION], P_B[~UNION])
@@ -141,7 +141,7 @@ def test_union_merge_selects_exactly_k_under_ties():
     # Four tied tokens: top-2 must take the two lowest indices, as torch.topk does.
     p_b = np.array([[0.2, 0.2, 0.2, 0.2, 0.1, 0.1]], np.float32)
     p_e = np.array([[0.0, 0.0, 0.0, 0.0, 0.5, 0.5]], np.float32)
-    scores = np.asarray(ngsd.union_top_k_merge(p_b, p_e, 1.0, k=2))[0]
+    scores = np.asarray(gate.union_top_k_merge(p_b, p_e, 1.0, k=2))[0]
     np.testing.assert_allclose(scores, [0.0, 0.0, 0.2, 0.2, 0.5, 0.5], rtol=0, atol=1e-7)
     np.testing.assert_array_equal(scores[2:4], p_b[0, 2:4])
 
@@ -155,7 +155,7 @@ MERGED_BY_HAND = {
 
 def test_ngsd_scores_follow_the_spike():
     p_b, p_e = np.stack([P_B] * 3), np.stack([P_E] * 3)
-    scores = np.asarray(ngsd.ngsd_scores(p_b, p_e, jnp.array([False, True, True]), jnp.array([0.9, 0.5, 0.9]), k=2))
+    scores = np.asarray(gate.ngsd_scores(p_b, p_e, jnp.array([False, True, True]), jnp.array([0.9, 0.5, 0.9]), k=2))
     np.testing.assert_array_equal(scores[0], P_B)
     np.testing.assert_allclose(scores[1], MERGED_BY_HAND[0.5], rtol=1e-6)
     np.testing.assert_allclose(scores[2], MERGED_BY_HAND[0.9], rtol=1e-6)
@@ -188,7 +188,7 @@ def reference_safedecoding(p_b, p_e, alpha, num_common_tokens):
 
 
 def test_safedecoding_smallest_k_by_hand():
-    scores = np.asarray(ngsd.safedecoding_scores(SD_B[None], SD_E[None], jnp.array([0.5]), min_common=3))[0]
+    scores = np.asarray(gate.safedecoding_scores(SD_B[None], SD_E[None], jnp.array([0.5]), min_common=3))[0]
     steered = {0: 0.225, 1: 0.14, 3: 0.235}
     expected = np.zeros(8)
     for token, q in steered.items():
@@ -196,12 +196,12 @@ def test_safedecoding_smallest_k_by_hand():
     np.testing.assert_allclose(scores, expected, rtol=1e-5)
     assert scores.argmax() == 3
 
-    wider = np.asarray(ngsd.safedecoding_scores(SD_B[None], SD_E[None], 0.5, min_common=4))[0]
+    wider = np.asarray(gate.safedecoding_scores(SD_B[None], SD_E[None], 0.5, min_common=4))[0]
     np.testing.assert_array_equal(np.flatnonzero(wider), [0, 1, 2, 3, 5])
 
 
 def test_safedecoding_floors_negative_steered_probabilities():
-    scores = np.asarray(ngsd.safedecoding_scores(SD_B[None], SD_E[None], 3.0, min_common=3))[0]
+    scores = np.asarray(gate.safedecoding_scores(SD_B[None], SD_E[None], 3.0, min_common=3))[0]
     # q_0 = 0.3 - 3 * 0.15 < 0 and q_1 = 0.2 - 3 * 0.12 < 0 are floored at 1e-8; q_3 = 0.81.
     np.testing.assert_allclose(scores[[0, 1]], 1e-8 / 0.81, rtol=1e-3)
     assert scores[3] == pytest.approx(1.0, abs=1e-6)
@@ -210,7 +210,7 @@ def test_safedecoding_floors_negative_steered_probabilities():
 def test_safedecoding_matches_the_reference_loop():
     p_b, p_e = random_distributions(6, 40), random_distributions(6, 40)
     alphas = np.array([0.0, 0.5, 1.0, 3.0, 3.0, 0.9], np.float32)
-    scores = np.asarray(ngsd.safedecoding_scores(p_b, p_e, alphas, min_common=5))
+    scores = np.asarray(gate.safedecoding_scores(p_b, p_e, alphas, min_common=5))
     for row in range(6):
         expected = reference_safedecoding(p_b[row], p_e[row], alphas[row], 5)
         np.testing.assert_allclose(scores[row], expected, rtol=1e-4, atol=1e-9)
@@ -220,12 +220,12 @@ def test_compiled_scores_with_traced_alpha_and_spike_per_row():
     # One program for every row: alpha and spike are traced arrays, not constants folded in,
     # so each row must still get its own alpha and its own gate.
     p_b, p_e = np.stack([P_B] * 3), np.stack([P_E] * 3)
-    ngsd_jit = jax.jit(ngsd.ngsd_scores, static_argnames="k")
+    ngsd_jit = jax.jit(gate.ngsd_scores, static_argnames="k")
     scores = np.asarray(ngsd_jit(p_b, p_e, jnp.array([True, False, True]), jnp.array([0.5, 0.9, 0.9]), k=2))
     # Compiled code may fuse p_b + alpha * (p_e - p_b) into an FMA: equal up to an ulp.
     np.testing.assert_allclose(scores, [MERGED_BY_HAND[0.5], P_B, MERGED_BY_HAND[0.9]], rtol=1e-6)
 
-    safe_jit = jax.jit(ngsd.safedecoding_scores, static_argnames="min_common")
+    safe_jit = jax.jit(gate.safedecoding_scores, static_argnames="min_common")
     alphas = np.array([0.5, 3.0], np.float32)
     steered = np.asarray(safe_jit(np.stack([SD_B] * 2), np.stack([SD_E] * 2), jnp.asarray(alphas), min_common=3))
     for row, alpha in enumerate(alphas):
@@ -234,7 +234,7 @@ def test_compiled_scores_with_traced_alpha_and_spike_per_row():
 
 # --- token choice ----------------------------------------------------------------------
 
-choose_jit = jax.jit(ngsd.choose_token, static_argnames="top_k")
+choose_jit = jax.jit(gate.choose_token, static_argnames="top_k")
 
 
 def test_greedy_is_argmax_with_lowest_index_on_ties():
@@ -286,9 +286,9 @@ def test_temperature_is_per_sequence_and_traced():
 def test_top_p_of_one_keeps_tokens_below_float_resolution():
     # In float32 the mass before token 1 rounds to exactly 1.0, yet top_p = 1.0 means no filter.
     logits = jnp.log(jnp.array([[1.0, 1e-9, 0.0]], jnp.float32))
-    kept = np.isfinite(ngsd.nucleus_filter(logits, jnp.array([[1.0]])))
+    kept = np.isfinite(gate.nucleus_filter(logits, jnp.array([[1.0]])))
     np.testing.assert_array_equal(kept, [[True, True, False]])
-    np.testing.assert_array_equal(np.isfinite(ngsd.nucleus_filter(logits, jnp.array([[0.5]]))), [[True, False, False]])
+    np.testing.assert_array_equal(np.isfinite(gate.nucleus_filter(logits, jnp.array([[0.5]]))), [[True, False, False]])
 
 
 def test_low_temperature_sharpens_toward_argmax():

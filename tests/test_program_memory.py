@@ -11,9 +11,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 import pytest
 
-from ngsd_jax.config import ModelConfig
-from ngsd_jax.engine import DecodeSettings, Engine
-from ngsd_jax.model import abstract_decoder
+from ngsd_jax.models.config import ModelConfig
+from ngsd_jax.decoding.settings import DecodeSettings
+from ngsd_jax.decoding.engine import Engine
+from ngsd_jax.models.decoder import abstract_decoder
 
 
 def _config(layers: int, hidden: int, mlp: int, tie: bool) -> ModelConfig:

@@ -16,7 +16,7 @@ import pytest
 from conftest import env_with_8_devices
 from jax.sharding import AbstractMesh
 
-from ngsd_jax.sharding import LOGICAL_RULES, MeshError, MeshShape, parse_mesh, partition_spec
+from ngsd_jax.parallel.sharding import LOGICAL_RULES, MeshError, MeshShape, parse_mesh, partition_spec
 
 SCRIPT = Path(__file__).with_name("sharding_check.py")
 

@@ -9,10 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ngsd_jax import engine as engine_module
-from ngsd_jax import ngsd
-from ngsd_jax.engine import DecodeSettings, DecodeState, Engine
-from ngsd_jax.loading import load_model
+
+from ngsd_jax.decoding import gate, program
+from ngsd_jax.decoding.settings import DecodeSettings
+from ngsd_jax.decoding.program import DecodeState
+from ngsd_jax.decoding.engine import Engine
+from ngsd_jax.checkpoints.weights import load_model
 
 VOCAB = 256
 
@@ -42,7 +44,7 @@ def _prompts(seed, lengths):
 
 def test_no_forward_pass_after_the_last_token(pair, monkeypatch):
     base, expert = pair
-    steps = _counting(monkeypatch, engine_module, "_step")
+    steps = _counting(monkeypatch, program, "step")
     prompt = _prompts(0, [7])
     free = Engine(base, expert, VOCAB, stop_ids=[]).decode(prompt, None, DecodeSettings(mode="base",
                                                                                         max_new_tokens=10))
@@ -81,16 +83,16 @@ def _full_sort_nucleus(logits, top_p):
 def test_nucleus_from_the_prefilter_equals_the_full_sort(sharpness):
     logits = sharpness * jax.random.normal(jax.random.key(0), (4, 3000))
     top_p = jnp.asarray([[0.3], [0.9], [0.999], [1.0]])
-    filtered = ngsd.nucleus_filter(logits, top_p)
+    filtered = gate.nucleus_filter(logits, top_p)
     np.testing.assert_array_equal(np.isfinite(filtered), np.isfinite(_full_sort_nucleus(logits, top_p)))
     kept = np.isfinite(filtered).sum(axis=1)
     assert kept[-1] == 3000
-    assert (kept[2] < ngsd.NUCLEUS_CANDIDATES) == (sharpness > 1)  # the two cases are the two paths
+    assert (kept[2] < gate.NUCLEUS_CANDIDATES) == (sharpness > 1)  # the two cases are the two paths
     scores = jax.nn.softmax(logits)
     normalised = jnp.log(scores / jnp.sum(scores, axis=-1, keepdims=True))  # as choose_token prepares them
     for seed in range(3):
         key = jax.random.key(seed)
-        np.testing.assert_array_equal(ngsd.choose_token(scores, key, 1.0, 0, top_p[:, 0]),
+        np.testing.assert_array_equal(gate.choose_token(scores, key, 1.0, 0, top_p[:, 0]),
                                       jax.random.categorical(key, _full_sort_nucleus(normalised, top_p), axis=-1))
 
 
@@ -101,8 +103,8 @@ def test_a_finished_row_cannot_spike():
                         expert_len=None, base_logits=base_logits, expert_logits=expert_logits,
                         v=jnp.asarray([0.5, 0.5]), done=jnp.asarray([False, True]), tokens=None, trace_d=None,
                         trace_v=None, trace_spike=None, trace_alpha=None)
-    settings = DecodeSettings(mode="ngsd", gate=ngsd.GateConfig(top_k=2))
-    scores, _, _, spike, in_force = engine_module._choose(settings, state, jnp.asarray([0.9, 0.9]), None, None, 4)
+    settings = DecodeSettings(mode="ngsd", gate=gate.GateConfig(top_k=2))
+    scores, _, _, spike, in_force = program.choose_scores(settings, state, jnp.asarray([0.9, 0.9]), None, None, 4)
     np.testing.assert_array_equal(spike, [True, False])
     np.testing.assert_allclose(in_force, [0.9, 0.0])
     assert int(jnp.argmax(scores[0])) == 1 and int(jnp.argmax(scores[1])) == 0

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ngsd_jax import train_data
+from ngsd_jax.training import data as train_data
 
 DATA = Path(__file__).resolve().parent.parent / "train" / "data"
 BENIGN_FILES = ["benign.jsonl", "ordinary.jsonl"]

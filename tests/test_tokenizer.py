@@ -6,8 +6,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from ngsd_jax.config import ModelConfig
-from ngsd_jax.tokenizer import (
+from ngsd_jax.models.config import ModelConfig
+from ngsd_jax.checkpoints.tokenizer import (
     TokenizerError,
     compare_vocabularies,
     encode_chat,

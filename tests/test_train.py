@@ -20,13 +20,15 @@ from flax import nnx
 
 from conftest import TRAIN_PAIRS, build_tiny_hf, final_params, train_tokenizer
 
-from ngsd_jax import recipe as recipes
-from ngsd_jax import train, train_data, train_step
-from ngsd_jax.config import config_from_hf
-from ngsd_jax.loading import load_model
-from ngsd_jax.lora import apply_lora, merge_lora
-from ngsd_jax.model import Decoder
-from ngsd_jax.tokenizer import encode_chat
+from ngsd_jax.training import recipe as recipes
+from ngsd_jax import train
+from ngsd_jax.training import step as train_step
+from ngsd_jax.training import data as train_data
+from ngsd_jax.models.config import config_from_hf
+from ngsd_jax.checkpoints.weights import load_model
+from ngsd_jax.models.lora import apply_lora, merge_lora
+from ngsd_jax.models.decoder import Decoder
+from ngsd_jax.checkpoints.tokenizer import encode_chat
 
 TINY_CONFIG = dict(model_type="llama", vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-6,
@@ -100,7 +102,7 @@ def test_recovery_prompts_share_the_prefix_lengths_in_turn(tokenizer):
 def test_recovery_refusal_starts_with_the_recipe_separator(tokenizer):
     harmful = [{"id": "h0", "prompt": "bad request", "response": "I can't help with that."}]
     answers = {"h0": {"response_ids": list(range(10, 20)), "response": "Sure, here is how", "finished": False}}
-    recipe = recipes.build_recipe(train.build_parser().parse_args(["--set", "recovery_separator=\n\n"]))
+    recipe = recipes.build_recipe(recipes.DEFAULT_RECIPE, overrides=["recovery_separator=\n\n"])
     assert recipe.recovery_separator == "\n\n" and recipes.Recipe().recovery_separator == ""
     records = train_data.build_default_records(
         harmful, [], answers, recovery_ids=["h0"], recovery_prefix_tokens=[1], prefixes_per_prompt=None,
@@ -125,9 +127,9 @@ def test_default_dataset_reads_file_lists_and_draws_the_ordinary_prompts(tokeniz
     benign = write("b.jsonl", [{"id": "b0", "prompt": "bake bread", "split": "train"}])
     ordinary = write("o.jsonl", [{"id": f"o{i}", "prompt": f"rewrite text {i}", "split": "train" if i < 9 else
                                   "heldout"} for i in range(10)])
-    recipe = recipes.build_recipe(train.build_parser().parse_args([
-        "--set", f"harmful_data={json.dumps([harmful, tasks])}", "--set", f"benign_data={benign}",
-        "--set", f"ordinary_data={ordinary}", "--set", "ordinary_prompts=4", "--set", "recovery_prompts=0"]))
+    recipe = recipes.build_recipe(recipes.DEFAULT_RECIPE, overrides=[
+        f"harmful_data={json.dumps([harmful, tasks])}", f"benign_data={benign}",
+        f"ordinary_data={ordinary}", "ordinary_prompts=4", "recovery_prompts=0"])
     teacher = "teacher"
     cache = tmp_path / "run" / "data" / "base_answers.jsonl"
     cache.parent.mkdir(parents=True)
@@ -333,7 +335,7 @@ def test_resume_after_sigkill_ends_where_an_uninterrupted_run_ends(tiny_checkpoi
 def test_a_lora_expert_keeps_its_adapter_and_decodes_as_the_merged_one(tiny_checkpoint, data_file, tmp_path,
                                                                        capsys):
     from ngsd_jax import decode
-    from ngsd_jax.lora import adapter_mismatch, load_adapter
+    from ngsd_jax.checkpoints.adapter import adapter_mismatch, load_adapter
 
     assert train.main(train_args(tiny_checkpoint, data_file, tmp_path, "--epochs", "3", "--lr", "3e-2")) == 0
     adapter_dir = tmp_path / "expert" / "adapter"

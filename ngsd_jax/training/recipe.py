@@ -9,8 +9,9 @@ import dataclasses
 import json
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-RECIPES_DIR = REPO_ROOT / "train" / "recipes"
+from ngsd_jax.errors import UsageError
+from ngsd_jax.paths import DATA_DIR, RECIPES_DIR
+
 DEFAULT_RECIPE = "smollm2-135m"
 METHODS = ("lora", "full")
 DECAYS = ("linear", "cosine", "constant")
@@ -18,10 +19,6 @@ DISTILL_LOSSES = ("kl", "tokens")
 DTYPES = ("float32", "bfloat16")
 # Recipe fields that change nothing about the trained weights; a resumed run may alter them.
 RESUMABLE_CHANGES = {"description", "checkpoint_every"}
-
-
-class UsageError(ValueError):
-    """Bad input the user can fix; printed as one line."""
 
 
 @dataclasses.dataclass
@@ -33,8 +30,8 @@ class Recipe:
     base: str | None = None  # the model the expert serves, and whose answers are distilled; None = embedded default
     expert_init: str | None = None  # the expert's starting weights; None = the base itself
     # Default dataset (built from these when set) and extra/explicit record files.
-    harmful_data: str | list[str] | None = "train/data/harmful.jsonl"
-    benign_data: str | list[str] | None = "train/data/benign.jsonl"
+    harmful_data: str | list[str] | None = "harmful.jsonl"
+    benign_data: str | list[str] | None = "benign.jsonl"
     # Everyday instructions, self-distilled like the benign prompts; `ordinary_prompts` of their
     # train split are drawn at random (None = all).
     ordinary_data: str | None = None
@@ -166,24 +163,32 @@ def check_field_types(recipe: Recipe) -> None:
             raise UsageError(f"recipe field {field.name}: {value!r} is not {field.type}")
 
 
-def build_recipe(args) -> Recipe:
-    values = load_recipe(args.recipe)
-    flags = {"name": args.name, "base": args.base, "expert_init": args.expert_init, "epochs": args.epochs,
-             "max_steps": args.max_steps, "learning_rate": args.lr, "batch_size": args.batch_size,
-             "grad_accum": args.grad_accum, "method": args.method, "seed": args.seed}
-    values.update({k: v for k, v in flags.items() if v is not None})
-    if args.data:
-        values.update(data=[str(p) for p in args.data], harmful_data=None, benign_data=None, ordinary_data=None)
-    values.update(dict(parse_override(item) for item in args.set))
+def build_recipe(name_or_path: str, flags: dict | None = None, data: list | None = None,
+                 overrides: list[str] | None = None) -> Recipe:
+    """The recipe `name_or_path` with `flags` (field -> value, None meaning unset) over it, `data`
+    files replacing its default dataset, then `overrides` (KEY=VALUE strings); type-checked and
+    validated."""
+    values = load_recipe(name_or_path)
+    values.update({k: v for k, v in (flags or {}).items() if v is not None})
+    if data:
+        values.update(data=[str(p) for p in data], harmful_data=None, benign_data=None, ordinary_data=None)
+    values.update(dict(parse_override(item) for item in overrides or ()))
     recipe = Recipe(**values)
     check_field_types(recipe)
     recipe.validate()
     return recipe
 
 
+def list_recipes() -> list[tuple[str, str]]:
+    """(name, description) of every recipe shipped with the package."""
+    return [(path.stem, json.loads(path.read_text(encoding="utf-8")).get("description", ""))
+            for path in sorted(RECIPES_DIR.glob("*.json"))]
+
+
 def resolve_data_path(name: str) -> Path:
-    """Relative data paths are tried from the current directory, then from the repository root."""
+    """A data file as named (absolute, or relative to the current directory), else the file of that
+    name among the training data shipped with the package."""
     path = Path(name).expanduser()
     if path.is_absolute() or path.exists():
         return path
-    return REPO_ROOT / path
+    return DATA_DIR / path

@@ -1,5 +1,5 @@
 """Training under a (data, fsdp, tensor) mesh: where the trainable state, the frozen weights,
-the optimizer state and each batch live. The layout is ngsd_jax.sharding's rules table:
+the optimizer state and each batch live. The layout is ngsd_jax.parallel.sharding's rules table:
 
 - weights per their logical axes (fsdp on the embed dimension, tensor on heads/mlp/vocab) and
   a LoRA adapter like the weight it adapts (`sharding.shard_model`, `sharding.lora_axes`);
@@ -17,7 +17,10 @@ import jax
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ngsd_jax import sharding as sh
+from ngsd_jax.checkpoints.weights import load_model_config
+from ngsd_jax.models.lora import resolve_targets
+from ngsd_jax.parallel import sharding as sh
+from ngsd_jax.parallel.memory import DeviceOptions, plan_mesh, train_plan
 
 
 def place_optimizer_state(optimizer, opt_state, params, mesh: Mesh):
@@ -49,8 +52,6 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
 
 def lora_fraction(config, rank: int, targets, layers: int | None) -> float:
     """Adapter parameters as a share of the model's (for the memory plan, before any weight exists)."""
-    from ngsd_jax.lora import resolve_targets
-
     d, hd, f = config.hidden_size, config.head_dim, config.intermediate_size
     shapes = {"q_proj": (d, config.num_heads * hd), "k_proj": (d, config.num_kv_heads * hd),
               "v_proj": (d, config.num_kv_heads * hd), "o_proj": (config.num_heads * hd, d),
@@ -61,27 +62,20 @@ def lora_fraction(config, rank: int, targets, layers: int | None) -> float:
     return per_layer * adapted / total
 
 
-def choose_training_mesh(args, recipe, init_path, dtype):
-    """The mesh for `python -m ngsd_jax.train` (None: one device, unsharded): --mesh or the
-    default, after printing the memory plan and refusing what cannot fit."""
-    from ngsd_jax import distributed
-    from ngsd_jax.loading import load_model_config
-    from ngsd_jax.memory import check_fits, device_memory, train_plan
-    from ngsd_jax.sharding import make_mesh
-
+def choose_training_mesh(devices: DeviceOptions, recipe, init_path, dtype):
+    """The mesh for a training run (None: one device, unsharded): `devices.mesh` or the default,
+    after printing the memory plan and refusing what cannot fit."""
     config = load_model_config(init_path)
     fraction = 1.0 if recipe.method == "full" else lora_fraction(config, recipe.lora_rank, recipe.lora_targets,
                                                                   recipe.lora_top_layers)
     teacher = recipe.distill_loss == "kl" and bool(recipe.benign_data)
-    plan_for = lambda mesh, rows=recipe.batch_size: train_plan(  # noqa: E731
-        config, dtype, mesh, rows, max(recipe.bucket_widths), fraction, teacher)
-    capacity = device_memory(args.device_memory)
-    shape = distributed.choose_mesh(args.mesh, plan_for, capacity)
-    plan = plan_for(shape)
-    distributed.say(f"ngsd-jax train: {plan.describe(capacity)}")
-    check_fits(plan, capacity, plan_for, prefer="fsdp", batch_flag="--batch-size")
+
+    def plan_for(mesh, rows=recipe.batch_size):
+        return train_plan(config, dtype, mesh, rows, max(recipe.bucket_widths), fraction, teacher)
+
+    shape = plan_mesh("train", devices, plan_for, prefer="fsdp")
     if shape.size == 1:
         return None
-    mesh = make_mesh(shape)
+    mesh = sh.make_mesh(shape)
     check_batch_size(recipe.batch_size, mesh)
     return mesh

@@ -18,10 +18,10 @@ import re
 import jax
 from flax import nnx
 
-from ngsd_jax.config import ModelConfig
-from ngsd_jax.model import abstract_decoder
-from ngsd_jax.engine import bucket_batch
-from ngsd_jax.sharding import MESH_AXES, MeshShape, parameter_spec
+from ngsd_jax.models.config import ModelConfig
+from ngsd_jax.models.decoder import abstract_decoder
+from ngsd_jax.parallel.distributed import say
+from ngsd_jax.parallel.sharding import MeshError, MeshShape, axis_size, parameter_spec, parse_mesh
 
 GiB = 1 << 30
 # XLA's own buffers, fragmentation and the compiled program: the share of a device the plan leaves free.
@@ -62,18 +62,13 @@ def device_memory(override: str | None = None) -> int | None:
     return min(limits) if limits else None
 
 
-def _sizes(mesh: MeshShape) -> dict[str, int]:
-    return dict(zip(MESH_AXES, dataclasses.astuple(mesh)))
-
-
 def parameter_bytes(config: ModelConfig, dtype, mesh: MeshShape, placement: str = "sharded") -> int:
     """Bytes of one device's shard of every parameter, under the rules table."""
     total = 0
     for _, var in nnx.iter_graph(abstract_decoder(config, dtype)):
         if isinstance(var, nnx.Param):
-            spec = parameter_spec(config, var.shape, var.get_metadata()["logical_axes"], _sizes(mesh), placement)
-            pieces = [1 if axes is None else math.prod(_sizes(mesh)[a] for a in ((axes,) if isinstance(axes, str)
-                                                                                   else axes)) for axes in spec]
+            spec = parameter_spec(config, var.shape, var.get_metadata()["logical_axes"], mesh.sizes, placement)
+            pieces = [1 if axes is None else axis_size(mesh.sizes, axes) for axes in spec]
             pieces += [1] * (len(var.shape) - len(pieces))
             total += math.prod(n // p for n, p in zip(var.shape, pieces)) * var.dtype.itemsize
     return total
@@ -84,18 +79,10 @@ def _tensor_share(count: int, mesh: MeshShape, placement: str = "sharded") -> in
     return count // mesh.tensor if placement == "sharded" and count % mesh.tensor == 0 else count
 
 
-def pad_batch(batch: int, mesh: MeshShape) -> int:
-    return -(-batch // mesh.batch_shards) * mesh.batch_shards
-
-
-def _rows(batch: int, mesh: MeshShape) -> int:
-    return -(-batch // mesh.batch_shards)
-
-
 def kv_cache_bytes(config: ModelConfig, dtype, mesh: MeshShape, batch: int, length: int,
                    placement: str = "sharded") -> int:
     kv_heads = _tensor_share(config.num_kv_heads, mesh, placement)
-    return 2 * config.num_layers * _rows(batch, mesh) * kv_heads * length * config.head_dim * jax.numpy.dtype(
+    return 2 * config.num_layers * mesh.rows_per_shard(batch) * kv_heads * length * config.head_dim * jax.numpy.dtype(
         dtype).itemsize
 
 
@@ -104,7 +91,7 @@ def prefill_activation_bytes(config: ModelConfig, dtype, mesh: MeshShape, batch:
     """Peak of one layer's prefill (fp32 attention scores and weights over the whole cache, the
     MLP's three intermediates, a few hidden-state copies) plus the fp32 logits of both the model
     and the decode loop's probabilities."""
-    rows, itemsize = _rows(batch, mesh), jax.numpy.dtype(dtype).itemsize
+    rows, itemsize = mesh.rows_per_shard(batch), jax.numpy.dtype(dtype).itemsize
     heads = _tensor_share(config.num_heads, mesh, placement)
     mlp = _tensor_share(config.intermediate_size, mesh, placement)
     scores = 2 * rows * heads * prompt * length * 4
@@ -132,16 +119,16 @@ class MemoryPlan:
 
 def decode_plan(models, mesh: MeshShape, batch: int, prompt: int, new_tokens: int) -> MemoryPlan:
     """`models`: (name, config, dtype, placement) for each model the decode runs (base, expert);
-    `prompt` is the padded prompt width."""
+    `batch` is the batch bucket the engine runs and `prompt` the padded prompt width."""
     parts = {"params": 0, "kv cache": 0, "activations": 0}
     length = prompt + new_tokens
-    batch = pad_batch(bucket_batch(batch), mesh)  # the rows the engine really runs
+    batch = mesh.padded_batch(batch)  # the rows the engine really runs
     for _, config, dtype, placement in models:
         parts["params"] += parameter_bytes(config, dtype, mesh, placement)
         parts["kv cache"] += kv_cache_bytes(config, dtype, mesh, batch, length, placement)
         parts["activations"] = max(parts["activations"], prefill_activation_bytes(config, dtype, mesh, batch, prompt,
                                                                                   length, placement))
-    parts["activations"] += _rows(batch, mesh) * new_tokens * 4 * 5  # the trace buffers and tokens
+    parts["activations"] += mesh.rows_per_shard(batch) * new_tokens * 4 * 5  # the trace buffers and tokens
     return MemoryPlan(mesh, batch, parts)
 
 
@@ -152,14 +139,14 @@ def train_plan(config: ModelConfig, dtype, mesh: MeshShape, batch: int, width: i
     the weights they adapt). Gradients and AdamW's two moments are float32-sized like the
     trainable parameters; activations are what the backward pass keeps per layer (hidden
     states, attention probabilities, the MLP's intermediates) plus the loss's logits."""
-    rows, itemsize = _rows(batch, mesh), jax.numpy.dtype(dtype).itemsize
+    rows, itemsize = mesh.rows_per_shard(batch), jax.numpy.dtype(dtype).itemsize
     params = parameter_bytes(config, dtype, mesh)
     trainable = int(params / itemsize * 4 * trainable_fraction)
     heads = _tensor_share(config.num_heads, mesh)
     mlp = _tensor_share(config.intermediate_size, mesh)
     per_layer = rows * width * (8 * config.hidden_size + 4 * mlp) * itemsize + 2 * rows * heads * width * width * 4
     activations = config.num_layers * per_layer * (2 if teacher else 1) + 3 * rows * width * config.vocab_size * 4
-    return MemoryPlan(mesh, pad_batch(batch, mesh),
+    return MemoryPlan(mesh, mesh.padded_batch(batch),
                       {"params": params, "gradients": trainable, "optimizer state": 2 * trainable,
                        "activations": activations})
 
@@ -214,3 +201,42 @@ def check_fits(plan: MemoryPlan, capacity: int | None, plan_for, prefer: str = "
                                       f"({human(fitting.total)} per device)")
     raise MemoryPlanError(f"{need}; no split of the {plan.mesh.size} device(s) fits even batch 1: use more devices, "
                           f"bfloat16 or shorter sequences")
+
+
+def choose_mesh(mesh_flag: str | None, plan_for, capacity: int | None):
+    """The MeshShape to run on: --mesh as given, or the default for the devices present.
+    `plan_for(mesh)` gives the memory plan on a mesh (for the default's fit test)."""
+    if mesh_flag:
+        try:
+            return parse_mesh(mesh_flag, jax.device_count())
+        except MeshError as err:
+            if jax.process_count() == 1 and parse_mesh(mesh_flag).size > jax.device_count():
+                raise MeshError(f"{err}; on a multi-host slice add --multi-host, so that the mesh spans every "
+                                f"host's devices") from None
+            raise
+    return default_mesh(jax.device_count(), plan_for, capacity)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceOptions:
+    """How a run spreads over devices: `mesh` ('data=D,fsdp=F,tensor=T', None: the default for the
+    devices present), `device_memory` (one device's memory for the plan, e.g. '16GiB'; None: what
+    the device reports) and `multi_host` (start jax.distributed; None: when a launch is detected)."""
+
+    mesh: str | None = None
+    device_memory: str | None = None
+    multi_host: bool | None = None
+
+
+def plan_mesh(job: str, devices: DeviceOptions, plan_for, prefer: str, quiet_on_one_device: bool = False) -> MeshShape:
+    """The mesh a job runs on: --mesh or the default, after printing the memory plan and refusing what
+    cannot fit. `plan_for(mesh, rows=batch)` gives the MemoryPlan; `prefer` orders the meshes that
+    a refusal suggests (see `candidate_meshes`). On one device of unknown size (a plain CPU run)
+    the plan can neither choose nor refuse anything, and `quiet_on_one_device` skips printing it."""
+    capacity = device_memory(devices.device_memory)
+    shape = choose_mesh(devices.mesh, plan_for, capacity)
+    plan = plan_for(shape)
+    if not quiet_on_one_device or devices.mesh or shape.size > 1 or capacity is not None:
+        say(f"ngsd-jax {job}: {plan.describe(capacity)}")
+    check_fits(plan, capacity, plan_for, prefer=prefer)
+    return shape

@@ -15,7 +15,16 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ngsd_jax.loading import CheckpointError
+from huggingface_hub import constants, snapshot_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+)
+
+from ngsd_jax.checkpoints.weights import CheckpointError
+from ngsd_jax.paths import checkpoints_dir
 
 # What loading.load_hf and tokenizer.load_tokenizer read. `model*.safetensors` rather than
 # `*.safetensors`: Mistral repositories also carry consolidated.safetensors, a second copy.
@@ -35,8 +44,6 @@ def is_hub_id(name: str) -> bool:
 
 def resolve_checkpoint(name: str) -> Path:
     """A local path as given, else `<checkpoints>/<name>`, else the snapshot of Hub id `name`."""
-    from ngsd_jax.default_model import checkpoints_dir
-
     path = Path(name).expanduser()
     if path.exists():
         return path
@@ -51,14 +58,6 @@ def resolve_checkpoint(name: str) -> Path:
 
 def hub_snapshot(repo_id: str, local_miss: str = "") -> Path:
     """The cached snapshot of a Hub model repository, downloading what is missing unless offline."""
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
-
     where = f"{local_miss}; " if local_miss else ""
     try:
         return Path(snapshot_download(repo_id, allow_patterns=list(HUB_FILES)))

@@ -27,9 +27,11 @@ import re
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from ngsd_jax.model import Decoder, StackedKV
+from ngsd_jax.models.decoder import Decoder, StackedKV
+from ngsd_jax.parallel.distributed import process_rows
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -69,6 +71,18 @@ class MeshShape:
     def batch_shards(self) -> int:
         """How many pieces the batch dimension is cut into (the "batch" rule)."""
         return self.data * self.fsdp
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return dict(zip(MESH_AXES, dataclasses.astuple(self)))
+
+    def rows_per_shard(self, batch: int) -> int:
+        """Rows of a `batch` one device holds (the batch padded to the shards, then split)."""
+        return -(-batch // self.batch_shards)
+
+    def padded_batch(self, batch: int) -> int:
+        """The smallest multiple of the batch shards that holds `batch` rows."""
+        return self.rows_per_shard(batch) * self.batch_shards
 
     def __str__(self) -> str:
         named = [f"{axis}={n}" for axis, n in zip(MESH_AXES, dataclasses.astuple(self)) if n > 1]
@@ -110,7 +124,7 @@ def mesh_shape(mesh: Mesh) -> MeshShape:
     return MeshShape(**{axis: mesh.shape[axis] for axis in MESH_AXES})
 
 
-def _axis_size(mesh_sizes, axes) -> int:
+def axis_size(mesh_sizes, axes) -> int:
     return math.prod(mesh_sizes[a] for a in ((axes,) if isinstance(axes, str) else axes))
 
 
@@ -127,7 +141,7 @@ def partition_spec(logical_axes, rules=LOGICAL_RULES, units=None, mesh=None) -> 
     spec = []
     for i, name in enumerate(logical_axes):
         axes = table.get(name)
-        if axes is not None and units is not None and units[i] % _axis_size(sizes, axes):
+        if axes is not None and units is not None and units[i] % axis_size(sizes, axes):
             axes = None
         spec.append(axes)
     return PartitionSpec(*spec)
@@ -161,8 +175,6 @@ def place_rows(array, sharding: NamedSharding) -> jax.Array:
     """A host array whose leading dimension is the batch onto its devices, this process giving
     only the rows its devices hold (`distributed.process_rows`); every process holds the whole
     host array (each tokenises every prompt, so all agree on the batch's bucket and width)."""
-    from ngsd_jax.distributed import process_rows
-
     array = np.asarray(array)
     return jax.make_array_from_process_local_data(sharding, array[process_rows(sharding, array.shape)],
                                                   array.shape)
@@ -234,16 +246,12 @@ def constrain_batch(tree, mesh: Mesh | None):
 
 def pad_batch(batch: int, mesh: Mesh | None) -> int:
     """The smallest multiple of the mesh's batch shards that holds `batch` rows."""
-    if mesh is None:
-        return batch
-    shards = mesh_shape(mesh).batch_shards
-    return -(-batch // shards) * shards
+    return batch if mesh is None else mesh_shape(mesh).padded_batch(batch)
 
 
 def fetch(array) -> np.ndarray:
     """A (possibly multi-host) device array as one host numpy array."""
     if getattr(array, "is_fully_addressable", True):
         return np.asarray(jax.device_get(array))
-    from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))

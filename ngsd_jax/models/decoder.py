@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ngsd_jax.config import ModelConfig, rope_inverse_frequencies
+from ngsd_jax.models.config import ModelConfig, rope_inverse_frequencies
 
 # One (keys, values) pair per layer, each [batch, kv_heads, max_len, head_dim].
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
@@ -77,7 +77,7 @@ def tie_to_step(x, weight):
     the `while_loop` and the program keeps an fp32 copy of every weight alive for the whole
     decode (twice the bf16 model's size in temporaries). Passing the weight through an
     optimization barrier together with the step's activation makes the conversion depend on
-    the step, and the engine's memory-minimising CPU scheduler (`engine._compiler_options`)
+    the step, and the engine's memory-minimising CPU scheduler (`decoding.program.compiler_options`)
     places it beside its matmul, into a buffer the next matmul reuses. fp32 weights and
     accelerators (native bf16 matmuls) skip the barrier.
     """
@@ -334,7 +334,7 @@ class LayerStack(nnx.Module):
             # outside the loop, on a CPU (see `tie_to_step`).
             x, layers = tie_to_step(x, stacked)
             # Slicing layer i inside the loop keeps one copy of the weights: the other segment of a
-            # paired decoder (engine._paired_forward) scans other indices of the same arrays. (XLA's
+            # paired decoder (decoding.program.paired_forward) scans other indices of the same arrays. (XLA's
             # CPU backend copies each slice out before its matmuls, which makes decoding slower.)
             layer = nnx.merge(graph, jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, i, keepdims=False),
                                                   layers))

@@ -1,8 +1,8 @@
 """Self-reflection: the base model rates the user request's risk, which sets alpha (NGSD_SPEC.md section 4).
 
-This part is pure Python and model-free: the prompts the base model is given, the parsing
-of its answer, the risk formula and the risk -> alpha mapping. Running the base model on
-these prompts is done elsewhere through the decode engine.
+This module is model-free: the prompts the base model is given, the parsing of its answer,
+the risk formulas (two of them jit-able, for the decode program) and the risk -> alpha
+mapping. `decoding.reflect` runs the base model on these prompts through the decode engine.
 
 Two modes:
 - "json" (the paper's): the model writes a JSON object with four 0-10 scores, which
@@ -35,6 +35,9 @@ import dataclasses
 import json
 import math
 import re
+
+import jax.numpy as jnp
+import numpy as np
 
 DIMENSIONS = ("severityScore", "actionabilityScore", "evasionScore", "targetingScore")
 
@@ -271,8 +274,6 @@ def alpha_from_risk(r: float, mapping: AlphaMapping = PAPER_ALPHA_MAPPING) -> fl
 
 def alpha_from_risk_array(risk, levels, thresholds):
     """`alpha_from_risk` on a [B] array of risks, jit-able: levels [3], thresholds [2]."""
-    import jax.numpy as jnp
-
     risk = jnp.asarray(risk, jnp.float32)
     levels, thresholds = jnp.asarray(levels, jnp.float32), jnp.asarray(thresholds, jnp.float32)
     return jnp.where(risk > thresholds[1], levels[2], jnp.where(risk < thresholds[0], levels[0], levels[1]))
@@ -282,8 +283,6 @@ def risk_from_refusal_opening(p_first, opening_mask):
     """Expert-mode risk, jit-able: 10 times the expert's probability that its answer opens with a
     refusal, i.e. that its first token is one that refusals open with. p_first: [B, V] next-token
     probabilities after the prompt; opening_mask: [V], 1 on those tokens."""
-    import jax.numpy as jnp
-
     mass = jnp.sum(jnp.asarray(p_first, jnp.float32) * jnp.asarray(opening_mask, jnp.float32), axis=-1)
     return 10.0 * jnp.clip(mass, 0.0, 1.0)
 
@@ -316,24 +315,12 @@ def rate(text: str, user_request: str, parser: str = "lenient", all_zero_risk: i
     return RiskRating(scores=scores, parsed=parsed, risk=risk, alpha=alpha_from_risk(risk, mapping))
 
 
-# --- running the base model -------------------------------------------------------------
-
 REFLECT_MODES = ("json", "logit", "expert", "off")
 # How refusals open (the project's training refusals all start with one of these); the first
 # token of each makes the expert mode's set. "As an AI" and "Unfortunately" are left out:
 # ordinary answers open with "As" and "Unfortunately" too.
 REFUSAL_OPENINGS = ("I can't", "I cannot", "I can not", "I won't", "I will not", "I'm sorry", "I am sorry",
                     "Sorry", "I apologize", "I'm unable", "I am unable", "I'm not able", "I am not able")
-# With `prefix=True` the assistant turn starts inside the object: small models (SmolLM2-135M)
-# otherwise answer the request instead of rating it. The prefix is part of the text that gets
-# parsed. The reference does not force a start.
-RATING_PREFIX = '{"severityScore": '
-# The reference allows up to 256; the four-key object is about 30 tokens, and an answer still
-# open after 64 never closes (small models repeat keys), so a larger budget only costs time.
-REFLECTION_MAX_NEW_TOKENS = 64
-REFERENCE_MAX_NEW_TOKENS = 256
-_YES_WORDS = ("yes", "Yes", "YES", " yes", " Yes")
-_NO_WORDS = ("no", "No", "NO", " no", " No")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,11 +335,6 @@ class Reflection:
     parsed: bool | None = None
 
 
-def _single_token_ids(tokenizer, words) -> list[int]:
-    ids = (tokenizer.encode(w, add_special_tokens=False) for w in words)
-    return sorted({i[0] for i in ids if len(i) == 1})
-
-
 def refusal_opening_ids(tokenizer) -> list[int]:
     """The tokens a refusal opens with: the first token of each of REFUSAL_OPENINGS."""
     return sorted({tokenizer.encode(text, add_special_tokens=False)[0] for text in REFUSAL_OPENINGS})
@@ -360,8 +342,6 @@ def refusal_opening_ids(tokenizer) -> list[int]:
 
 def refusal_opening_mask(tokenizer, vocab_size: int):
     """[vocab_size] float32, 1 on `refusal_opening_ids`: the expert mode's input to the decode program."""
-    import numpy as np
-
     mask = np.zeros((vocab_size,), np.float32)
     mask[[i for i in refusal_opening_ids(tokenizer) if i < vocab_size]] = 1.0
     return mask
@@ -379,71 +359,3 @@ def expert_reflection(risk: float, alpha: float) -> Reflection:
     """The record of an expert-mode rating made inside the decode program."""
     # The program computes in float32; rounding shows 0.9 rather than 0.8999999761581421.
     return Reflection("expert", round(float(alpha), 6), float(risk), f"P(refusal opening)={risk / 10:.4f}")
-
-
-def _closing_brace_ids(tokenizer) -> list[int]:
-    # Any token that prints a '}' can end the JSON object, so generation stops right there.
-    return [i for token, i in tokenizer.get_vocab().items() if "}" in token]
-
-
-def reflect(engine, tokenizer, requests: list[str], mode: str = "json", fixed_alpha: float = 0.5,
-            chat_template=None, thinking: bool = False, parser: str = "lenient", prefix: bool = True,
-            max_new_tokens: int = REFLECTION_MAX_NEW_TOKENS, all_zero_risk: int | None = None,
-            mapping: AlphaMapping = PAPER_ALPHA_MAPPING) -> list[Reflection]:
-    """Rates a batch of user requests with the engine's base model, in one batched call.
-
-    json: greedy generation of the rating (at most `max_new_tokens`, ending at an end-of-turn
-    token and, for the lenient parser, at the first token that prints a '}'; the reference
-    parser reads the whole answer, as the reference does), started with RATING_PREFIX when
-    `prefix`, then `rate` with `parser`; logit: one prefill, P(yes) vs P(no) for the next
-    token; off: every prompt gets `fixed_alpha`; expert: the expert's own prefill on the plain
-    prompt (chat template, no system prompt), P(refusal opening) (`decode` computes the same
-    inside the decode program from the prefill it runs anyway, Engine.decode's `expert_risk`,
-    so this separate pass serves analyses only). `thinking` is the chat template's
-    `enable_thinking` (off, as the reference rates with Qwen3); `mapping` turns risk into alpha.
-    """
-    from ngsd_jax.engine import DecodeSettings
-    from ngsd_jax.tokenizer import encode_chat, stop_token_ids
-
-    if mode not in REFLECT_MODES:
-        raise ValueError(f"unknown reflection mode '{mode}'; choose one of {', '.join(REFLECT_MODES)}")
-    if parser not in REFLECT_PARSERS:
-        raise ValueError(f"unknown reflection parser '{parser}'; choose one of {', '.join(REFLECT_PARSERS)}")
-    if mode == "off":
-        return [Reflection(mode, fixed_alpha) for _ in requests]
-
-    def encode(messages, response_prefix=""):
-        system, user = messages
-        return encode_chat(tokenizer, user["content"], system_prompt=system["content"], chat_template=chat_template,
-                           response_prefix=response_prefix, thinking=thinking)
-
-    if mode == "logit":
-        distribution = engine.next_token_distribution([encode(harmfulness_question_messages(r)) for r in requests])
-        yes, no = _single_token_ids(tokenizer, _YES_WORDS), _single_token_ids(tokenizer, _NO_WORDS)
-        out = []
-        for row in distribution:
-            p_yes, p_no = float(row[yes].sum()), float(row[no].sum())
-            risk = risk_from_yes_no(p_yes, p_no)
-            out.append(Reflection(mode, alpha_from_risk(risk, mapping), risk, f"P(yes)={p_yes:.4f} P(no)={p_no:.4f}"))
-        return out
-    if mode == "expert":
-        import numpy as np
-
-        distribution = engine.next_token_distribution(
-            [encode_chat(tokenizer, r, chat_template=chat_template, thinking=thinking) for r in requests], model="expert")
-        risks = np.asarray(risk_from_refusal_opening(distribution, refusal_opening_mask(tokenizer,
-                                                                                        distribution.shape[-1])))
-        return [expert_reflection(float(r), alpha_from_risk(float(r), mapping)) for r in risks]
-
-    start = RATING_PREFIX if prefix else ""
-    stops = list(stop_token_ids(tokenizer, engine.base_config, chat_template))
-    if parser == "lenient":
-        stops += _closing_brace_ids(tokenizer)
-    result = engine.decode([encode(reflection_messages(r), start) for r in requests],
-                           settings=DecodeSettings(mode="base", max_new_tokens=max_new_tokens), stop_ids=stops)
-    out = []
-    for i, request in enumerate(requests):
-        text = start + tokenizer.decode(result.sequence(i), skip_special_tokens=True)
-        rating = rate(text, request, parser, all_zero_risk, mapping)
-        out.append(Reflection(mode, rating.alpha, rating.risk, text, rating.scores, rating.parsed))
-    return out

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import math
 
-from ngsd_jax.recipe import Recipe
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from ngsd_jax.training.recipe import Recipe
 
 
 def learning_rate_schedule(recipe: Recipe, total_updates: int):
     """Linear warmup from lr/warmup to lr, then linear/cosine decay towards 0 (or constant)."""
-    import jax.numpy as jnp
-
     peak = recipe.learning_rate
     warmup = math.ceil(recipe.warmup_fraction * total_updates)
     span = max(1, total_updates - warmup)
@@ -30,8 +33,6 @@ def learning_rate_schedule(recipe: Recipe, total_updates: int):
 
 
 def make_optimizer(recipe: Recipe, schedule):
-    import optax
-
     chain = []
     if recipe.clip_grad_norm > 0:
         chain.append(optax.clip_by_global_norm(recipe.clip_grad_norm))
@@ -52,10 +53,6 @@ def response_loss(model, hidden, batch, capacity: int, teacher=None, teacher_hid
     teacher), KL(teacher || model) between the next-token distributions. `sums` holds the
     unweighted totals and counts of both kinds, for the log.
     """
-    import jax
-    import jax.numpy as jnp
-    import optax
-
     order = jnp.argsort(-batch["mask"].reshape(-1), stable=True)[:capacity]
     picked = {k: batch[k].reshape(-1)[order] for k in ("targets", "weights", "mask", "soft")}
     logits = model.logits(hidden.reshape(-1, hidden.shape[-1])[order])
@@ -100,11 +97,6 @@ def make_train_step(graph, optimizer, state_shardings=None):
     two forward passes. `state_shardings` ((trainable, optimizer state) shardings, under a mesh)
     keeps the updated state where it came from, so each step's output feeds the next unmoved.
     """
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from flax import nnx
-
     def loss_fn(trainable, frozen, initial_state, batch, capacity):
         model = nnx.merge(graph, trainable, frozen)
         positions = jnp.broadcast_to(jnp.arange(batch["inputs"].shape[1], dtype=jnp.int32), batch["inputs"].shape)

@@ -13,8 +13,11 @@ import signal
 import sys
 from pathlib import Path
 
-from ngsd_jax.distributed import barrier, is_primary
-from ngsd_jax.recipe import RESUMABLE_CHANGES, Recipe, UsageError
+import jax
+import orbax.checkpoint as ocp
+
+from ngsd_jax.parallel.distributed import barrier, is_primary
+from ngsd_jax.training.recipe import RESUMABLE_CHANGES, Recipe, UsageError
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -85,15 +88,11 @@ class StopRequest:
 
 
 def checkpoint_manager(run_dir: Path):
-    import orbax.checkpoint as ocp
-
     options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False)
     return ocp.CheckpointManager((run_dir / "state").absolute(), options=options)
 
 
 def save_state(manager, step: int, trainable, opt_state, meta: dict) -> None:
-    import orbax.checkpoint as ocp
-
     manager.save(step, args=ocp.args.Composite(
         train=ocp.args.StandardSave({"trainable": trainable, "opt_state": opt_state}),
         meta=ocp.args.JsonSave({**meta, "step": step})), force=True)
@@ -101,9 +100,6 @@ def save_state(manager, step: int, trainable, opt_state, meta: dict) -> None:
 
 
 def restore_state(manager, trainable, opt_state):
-    import jax
-    import orbax.checkpoint as ocp
-
     step = manager.latest_step()
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"trainable": trainable, "opt_state": opt_state})
     restored = manager.restore(step, args=ocp.args.Composite(train=ocp.args.StandardRestore(abstract),

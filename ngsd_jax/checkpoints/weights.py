@@ -22,10 +22,16 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
+from gguf import GGMLQuantizationType, GGUFReader, quants
+from safetensors.numpy import save_file
 
-from ngsd_jax.config import ConfigError, ModelConfig, config_from_hf, load_config
-from ngsd_jax.model import Decoder, abstract_decoder
+from ngsd_jax.models.config import ConfigError, ModelConfig, config_from_hf, load_config
+from ngsd_jax.models.decoder import Decoder, abstract_decoder
+from ngsd_jax.parallel import sharding
+from ngsd_jax.parallel.distributed import barrier, is_primary
+from ngsd_jax.parallel.sharding import fetch
 
 
 class CheckpointError(ValueError):
@@ -100,10 +106,8 @@ def fill_decoder(config: ModelConfig, tensors: Iterator[tuple[str, np.ndarray]],
                  mesh=None, placement: str = "sharded") -> Decoder:
     """Builds a decoder from (source key, array) pairs, checking every shape and that nothing is missing.
     With a `mesh`, each tensor goes straight from the host onto its devices, each device
-    receiving only its slice (ngsd_jax.sharding's rules, or a copy everywhere if `placement`
+    receiving only its slice (ngsd_jax.parallel.sharding's rules, or a copy everywhere if `placement`
     is "replicated"), so no device ever holds the whole model."""
-    from ngsd_jax import sharding
-
     model = abstract_decoder(config, dtype)
     targets = _param_leaves(model)
     filled: set[str] = set()
@@ -261,8 +265,6 @@ def _unpermute_llama_qk(weight: np.ndarray, heads: int) -> np.ndarray:
 
 
 def iter_gguf(reader, config: ModelConfig, source: str) -> Iterator[tuple[str, np.ndarray]]:
-    from gguf import GGMLQuantizationType, quants
-
     for tensor in reader.tensors:
         qtype = tensor.tensor_type
         if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
@@ -284,8 +286,6 @@ def iter_gguf(reader, config: ModelConfig, source: str) -> Iterator[tuple[str, n
 
 
 def open_gguf(path: Path):
-    from gguf import GGUFReader
-
     try:
         return GGUFReader(str(path))
     except (ValueError, OSError, struct.error, IndexError) as err:
@@ -317,10 +317,6 @@ def load_hf(directory: str | Path, dtype=jnp.float32, mesh=None, placement: str 
 def save_params(model: Decoder, directory: str | Path) -> None:
     """Writes the parameters as an orbax checkpoint under directory/params, atomically. On several
     processes every one calls it (orbax writes each one's shards; process 0 moves the result)."""
-    import orbax.checkpoint as ocp
-
-    from ngsd_jax.distributed import barrier, is_primary
-
     check_parameters(model, f"saving to {directory}")
     target = Path(directory).absolute() / PARAMS_SUBDIR
     staging = target.with_name(target.name + ".tmp")
@@ -338,10 +334,6 @@ def save_params(model: Decoder, directory: str | Path) -> None:
 def load_params(directory: str | Path, dtype=jnp.float32, mesh=None, placement: str = "sharded") -> Decoder:
     """Restores a project checkpoint; with a `mesh`, orbax reads each device's slice straight onto
     it (whatever mesh, if any, the checkpoint was saved from)."""
-    import orbax.checkpoint as ocp
-
-    from ngsd_jax import sharding
-
     directory = Path(directory).absolute()
     config = load_config(directory)
     model = abstract_decoder(config, dtype)
@@ -367,7 +359,7 @@ def is_project_checkpoint(directory: Path) -> bool:
 
 def load_model(source: str | Path, dtype=jnp.float32, mesh=None, placement: str = "sharded") -> Decoder:
     """Loads a .gguf file, a converted ngsd-jax checkpoint or an HF safetensors directory; with a
-    `mesh`, straight onto it (see ngsd_jax.sharding)."""
+    `mesh`, straight onto it (see ngsd_jax.parallel.sharding)."""
     source = Path(source)
     if source.suffix == ".gguf":
         if not source.is_file():
@@ -397,11 +389,6 @@ def load_model_config(source: str | Path) -> ModelConfig:
 def export_hf(model: Decoder, directory: str | Path, tokenizer=None) -> Path:
     """Writes a Hugging Face directory (model.safetensors + config.json [+ tokenizer]). On several
     processes every one gathers the weights and process 0 writes them."""
-    from safetensors.numpy import save_file
-
-    from ngsd_jax.distributed import is_primary
-    from ngsd_jax.sharding import fetch
-
     directory = Path(directory)
     check_parameters(model, f"exporting to {directory}")
     tensors = {}

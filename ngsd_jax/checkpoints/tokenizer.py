@@ -15,6 +15,16 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import jinja2
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+    _SPECIAL_TOKENS,
+    GGUF_TOKENIZER_MAPPING,
+    convert_gguf_tokenizer,
+)
+
+from ngsd_jax.checkpoints.weights import open_gguf
+
 # transformers serves only tokenizers here; its import-time "PyTorch was not found" advice does not apply.
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
@@ -34,8 +44,6 @@ def _first_line(err: BaseException) -> str:
 
 def load_tokenizer(source: str | Path):
     """The tokenizer of a HF directory, an ngsd-jax checkpoint directory or a .gguf file."""
-    from transformers import AutoTokenizer
-
     source = Path(source).expanduser()
     if source.suffix == ".gguf":
         if not source.is_file():
@@ -60,19 +68,6 @@ def load_tokenizer(source: str | Path):
 
 def tokenizer_from_gguf_metadata(path: str | Path):
     """The same tokenizer transformers builds from a GGUF file, read with gguf-py instead of torch."""
-    from transformers import PreTrainedTokenizerFast
-
-    from ngsd_jax.loading import open_gguf
-
-    try:
-        from transformers.integrations.gguf.gguf_tokenizer_mapping import (
-            _SPECIAL_TOKENS,
-            GGUF_TOKENIZER_MAPPING,
-            convert_gguf_tokenizer,
-        )
-    except ImportError:
-        raise TokenizerError(f"{path}: this transformers version reads GGUF tokenizers only with PyTorch; "
-                             f"install torch (CPU build is enough) or use a HF checkpoint directory") from None
     reader = open_gguf(Path(path))
     meta = {key: field.contents() for key, field in reader.fields.items()
             if key.startswith("tokenizer.") or key == "general.architecture"}
@@ -135,8 +130,6 @@ def encode_chat(tokenizer, user_message: str, system_prompt: str | None = None,
     False, as the reference runs Qwen3, so the gate never runs over a <think> block;
     templates that do not read the variable ignore it.
     """
-    import jinja2
-
     template = resolve_chat_template(tokenizer, chat_template)
     messages = [{"role": "user", "content": user_message}]
     if system_prompt is not None:

@@ -1,0 +1,120 @@
+"""A LoRA expert on disk, apart from the weights it adapts: save, load, and the fingerprint
+that ties an adapter to its base's weights.
+
+An adapter directory holds adapter.safetensors (each adapted projection's a and b) and
+adapter.json (format, rank, alpha, targets, layers, and the base's config and weight
+fingerprint), so that decoding refuses an adapter meant for other weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from ngsd_jax.models.decoder import Decoder
+from ngsd_jax.models.lora import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, LoRAAdapter, LoRALinear
+from ngsd_jax.parallel import sharding as sh
+
+ADAPTER_SUBDIR = "adapter"  # where `python -m ngsd_jax.train` keeps it, inside the merged expert's checkpoint
+ADAPTER_CONFIG = "adapter.json"
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_FORMAT = "ngsd-jax-lora-1"
+# Elements sampled per weight tensor for the fingerprint: enough that any fine-tune (which
+# moves essentially every element) changes it, cheap enough for an 8B base.
+FINGERPRINT_SAMPLES = 4096
+
+
+def _frozen_params(model: Decoder) -> list[tuple[str, jax.Array]]:
+    """The model's own weights by name, as a plain Decoder names them (LoRA wrappers looked through)."""
+    state = nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
+    named = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+        keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+        named.append((".".join(k for k in keys if k not in ("base", "value", "")), leaf))
+    return sorted(named, key=lambda item: item[0])
+
+
+def weights_fingerprint(model: Decoder) -> str:
+    """A hash of a strided sample of every weight, rounded to bfloat16 so that the same
+    weights loaded as float32 or bfloat16 give the same fingerprint."""
+    digest = hashlib.sha256()
+    for name, leaf in _frozen_params(model):
+        flat = jnp.ravel(leaf)
+        sample = flat[:: max(1, flat.size // FINGERPRINT_SAMPLES)].astype(jnp.bfloat16)
+        digest.update(f"{name}:{tuple(leaf.shape)};".encode())
+        digest.update(sh.fetch(sample).view(np.uint16).tobytes())
+    return digest.hexdigest()[:32]
+
+
+def extract_adapter(model: Decoder) -> LoRAAdapter:
+    """The adapters of a model wrapped by `apply_lora` (before `merge_lora`), with the identity of
+    the weights they adapt."""
+    weights, ranks, alphas = {}, set(), set()
+    for i, layer in enumerate(model.layers):
+        for owner, names in ((layer.attn, ATTENTION_PROJECTIONS), (layer.mlp, MLP_PROJECTIONS)):
+            for name in names:
+                module = getattr(owner, name)
+                if isinstance(module, LoRALinear):
+                    a, b = (sh.fetch(m[...]).astype(np.float32) for m in (module.lora_a, module.lora_b))
+                    weights[(i, name)] = (a, b)
+                    ranks.add(a.shape[1])
+                    alphas.add(module.scale * a.shape[1])
+    if not weights:
+        raise ValueError("the model has no LoRA adapters to extract")
+    if len(ranks) != 1 or len(alphas) != 1:
+        raise ValueError("the adapters differ in rank or alpha; one LoRAAdapter holds one rank and alpha")
+    return LoRAAdapter(ranks.pop(), float(alphas.pop()), weights, model.config.to_hf_dict(),
+                       weights_fingerprint(model))
+
+
+def save_adapter(adapter: LoRAAdapter, directory: str | Path) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for (layer, name), (a, b) in adapter.weights.items():
+        tensors[f"layers.{layer}.{name}.lora_a"] = np.ascontiguousarray(a)
+        tensors[f"layers.{layer}.{name}.lora_b"] = np.ascontiguousarray(b)
+    save_file(tensors, str(directory / ADAPTER_WEIGHTS))
+    meta = {"format": ADAPTER_FORMAT, "rank": adapter.rank, "alpha": adapter.alpha, "scale": adapter.scale,
+            "targets": list(adapter.targets), "layers": list(adapter.layers),
+            "base_fingerprint": adapter.base_fingerprint, "base_config": adapter.base_config}
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def is_adapter(directory: str | Path) -> bool:
+    return (Path(directory) / ADAPTER_CONFIG).is_file()
+
+
+def load_adapter(directory: str | Path) -> LoRAAdapter:
+    directory = Path(directory)
+    meta = json.loads((directory / ADAPTER_CONFIG).read_text())
+    if meta.get("format") != ADAPTER_FORMAT:
+        raise ValueError(f"{directory}: not an ngsd-jax LoRA adapter (format {meta.get('format')!r}, "
+                         f"expected {ADAPTER_FORMAT!r}); train it again with python -m ngsd_jax.train")
+    tensors = load_file(str(directory / ADAPTER_WEIGHTS))
+    weights = {}
+    for key, a in tensors.items():
+        if key.endswith(".lora_a"):
+            _, layer, name, _ = key.split(".")
+            weights[(int(layer), name)] = (a, tensors[key[: -len("lora_a")] + "lora_b"])
+    return LoRAAdapter(int(meta["rank"]), float(meta["alpha"]), weights, meta["base_config"],
+                       meta["base_fingerprint"])
+
+
+def adapter_mismatch(adapter: LoRAAdapter, base: Decoder, base_name: str) -> str | None:
+    """One line saying why `adapter` does not belong to `base`, or None when it does."""
+    if adapter.base_config != base.config.to_hf_dict():
+        return (f"the expert adapter was trained on a different model than the base {base_name} (their configs "
+                f"differ); pass the --base it was trained on, or a merged expert checkpoint")
+    if adapter.base_fingerprint != weights_fingerprint(base):
+        return (f"the expert adapter was trained on different weights than the base {base_name} (fingerprint "
+                f"{adapter.base_fingerprint}, the base's {weights_fingerprint(base)}); pass the --base it was "
+                f"trained on, or a merged expert checkpoint")
+    return None
