@@ -110,7 +110,7 @@ def default_base_gguf(root: Path | None = None) -> Path:
         if not path.is_file():
             raise DefaultModelError(f"{ENV_GGUF}={env_gguf}: no such file; point it at {GGUF_NAME} or unset it")
         if _sha256(path) != GGUF_SHA256:
-            say(f"ngsd-jax: ngsd-jax: note: {path} is not the pinned {GGUF_NAME} (sha256 differs); converting it anyway")
+            say(f"ngsd-jax: note: {path} is not the pinned {GGUF_NAME} (sha256 differs); converting it anyway")
         return path
     downloads = root / "downloads"
     kept = downloads / GGUF_NAME
@@ -213,7 +213,7 @@ def _convert(gguf: Path, target: Path) -> None:
         del model
         if target.exists() and not is_complete_checkpoint(target):
             aside = target.with_name(f".{target.name}.incomplete-{int(time.time())}")
-            say(f"ngsd-jax: ngsd-jax: moving the incomplete {target} aside to {aside}")
+            say(f"ngsd-jax: moving the incomplete {target} aside to {aside}")
             os.replace(target, aside)
         try:
             os.replace(staging, target)

@@ -161,13 +161,30 @@ def stop_token_ids(tokenizer, config=None, chat_template: str | Path | None = No
     eos = getattr(tokenizer, "eos_token_id", None)
     ids += list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
     try:
-        template = resolve_chat_template(tokenizer, chat_template)
+        ids += _template_end_of_turn_ids(tokenizer, chat_template)
     except TokenizerError:
-        template = ""
+        pass
+    return tuple(dict.fromkeys(int(i) for i in ids))
+
+
+def _template_end_of_turn_ids(tokenizer, chat_template=None) -> list[int]:
+    """The ids of the END_OF_TURN_TOKENS the chat template writes, in that list's order."""
+    template = resolve_chat_template(tokenizer, chat_template)
     text = " ".join(template.values()) if isinstance(template, dict) else template
     vocab = tokenizer.get_vocab()
-    ids += [vocab[tok] for tok in END_OF_TURN_TOKENS if tok in text and tok in vocab]
-    return tuple(dict.fromkeys(int(i) for i in ids))
+    return [vocab[tok] for tok in END_OF_TURN_TOKENS if tok in text and tok in vocab]
+
+
+def end_of_turn_id(tokenizer, chat_template=None) -> int:
+    """The token that closes an assistant turn: the template's literal end-of-turn marker
+    (<|im_end|>, <|eot_id|>, ...) when it has one, else the tokenizer's EOS."""
+    found = _template_end_of_turn_ids(tokenizer, chat_template)
+    if found:
+        return found[0]
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise TokenizerError("the tokenizer has no end-of-turn or EOS token; add one to its tokenizer_config.json")
+    return int(eos[0] if isinstance(eos, (list, tuple)) else eos)
 
 
 def compare_vocabularies(tok_a, tok_b, names: tuple[str, str] = ("base", "expert")) -> str | None:

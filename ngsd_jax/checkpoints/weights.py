@@ -10,11 +10,9 @@ message names the file and the fix.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import struct
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from flax import nnx
 from gguf import GGMLQuantizationType, GGUFReader, quants
 from safetensors.numpy import save_file
 
+from ngsd_jax.files import replace_path
 from ngsd_jax.models.config import ConfigError, ModelConfig, config_from_hf, load_config
 from ngsd_jax.models.decoder import Decoder, abstract_decoder
 from ngsd_jax.parallel import sharding
@@ -326,8 +325,7 @@ def save_params(model: Decoder, directory: str | Path) -> None:
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(staging, nnx.state(model, nnx.Param))
     if is_primary():
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
+        replace_path(staging, target)
     barrier("params saved")
 
 
@@ -404,9 +402,9 @@ def export_hf(model: Decoder, directory: str | Path, tokenizer=None) -> Path:
     if not is_primary():
         return directory
     directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory) as staging:
-        save_file(tensors, os.path.join(staging, "model.safetensors"), metadata={"format": "pt"})
-        os.replace(os.path.join(staging, "model.safetensors"), directory / "model.safetensors")
+    staging = directory / ".model.safetensors.tmp"
+    save_file(tensors, str(staging), metadata={"format": "pt"})
+    replace_path(staging, directory / "model.safetensors")
     (directory / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))

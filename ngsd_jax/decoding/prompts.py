@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from ngsd_jax.errors import UsageError
+from ngsd_jax.files import jsonl_values
 
 PROMPT_FIELDS = ("prompt", "goal", "instruction", "question", "query", "request", "behavior", "input",
                  "text")
@@ -27,12 +28,10 @@ def read_records(path: Path) -> list:
         return list(csv.DictReader(text.splitlines()))
     if suffix == ".jsonl":
         items = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    items.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise UsageError(f"{path}:{number}: not JSON ({err.msg})") from None
+        for number, _, value in jsonl_values(text.splitlines()):
+            if isinstance(value, json.JSONDecodeError):
+                raise UsageError(f"{path}:{number}: not JSON ({value.msg})")
+            items.append(value)
         return items
     if suffix == ".json":
         try:

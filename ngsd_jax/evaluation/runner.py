@@ -29,6 +29,7 @@ from ngsd_jax.evaluation.dataset import read_dataset
 from ngsd_jax.evaluation.judges import exact_answer, load_judge
 from ngsd_jax.evaluation.metrics import compute_results, first_difference
 from ngsd_jax.evaluation.report import report_table, write_outputs
+from ngsd_jax.files import jsonl_values, write_text_atomic
 from ngsd_jax.parallel import distributed
 
 REFLECT_IN_SWEEP = "reflect"  # an --alpha-sweep entry meaning "alpha from --reflect", as decode sets it
@@ -113,16 +114,12 @@ def read_samples(path: Path) -> list[dict]:
         return []
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
     rows, kept = [], []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for _, line, row in jsonl_values(lines):
         if line.endswith("\n") and isinstance(row, dict):
             rows.append(row)
             kept.append(line)
     if len(kept) != len(lines) and distributed.is_primary():
-        path.write_text("".join(kept), encoding="utf-8")
+        write_text_atomic(path, "".join(kept))
     return rows
 
 

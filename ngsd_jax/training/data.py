@@ -27,10 +27,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ngsd_jax.checkpoints.tokenizer import END_OF_TURN_TOKENS, TokenizerError, encode_chat, resolve_chat_template
+from ngsd_jax.checkpoints.tokenizer import encode_chat, end_of_turn_id
+from ngsd_jax.decoding.batching import bucket_length
 from ngsd_jax.decoding.settings import DecodeSettings
+from ngsd_jax.errors import UsageError
+from ngsd_jax.files import jsonl_values
 from ngsd_jax.parallel.distributed import barrier, is_primary, say
-from ngsd_jax.training.recipe import Recipe, UsageError, resolve_data_path
+from ngsd_jax.training.recipe import Recipe, resolve_data_path
 from ngsd_jax.training.state import write_atomic
 
 # Phrases that mark an answer that already refuses; the base's own refusals make no harmful
@@ -90,15 +93,11 @@ def read_jsonl(path: Path, parse: Callable[[dict], object], strict: bool) -> lis
         raise DataError(f"{path}: no such data file")
     good, skipped = [], 0
     with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+        for number, _, obj in jsonl_values(f):
             origin = f"{path}:{number}"
             try:
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"not JSON ({err.msg} at column {err.colno})") from None
+                if isinstance(obj, json.JSONDecodeError):
+                    raise DataError(f"not JSON ({obj.msg} at column {obj.colno})")
                 if not isinstance(obj, dict):
                     raise DataError("not a JSON object")
                 good.append((origin, parse(obj)))
@@ -162,21 +161,6 @@ def parse_record(obj: dict) -> ChatRecord:
 
 # ----------------------------------------------------------------------------- tokenising
 
-def end_of_turn_id(tokenizer, chat_template=None) -> int:
-    """The token that closes an assistant turn: the template's literal end-of-turn marker
-    (<|im_end|>, <|eot_id|>, ...) when it has one, else the tokenizer's EOS."""
-    template = resolve_chat_template(tokenizer, chat_template)
-    text = " ".join(template.values()) if isinstance(template, dict) else template
-    vocab = tokenizer.get_vocab()
-    for token in END_OF_TURN_TOKENS:
-        if token in text and token in vocab:
-            return vocab[token]
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise TokenizerError("the tokenizer has no end-of-turn or EOS token; add one to its tokenizer_config.json")
-    return int(eos[0] if isinstance(eos, (list, tuple)) else eos)
-
-
 def encode_record(record: ChatRecord, tokenizer, eot_id: int, origin: str, chat_template=None,
                   system_prompt: str | None = None) -> Example:
     """prompt (chat template) + prefix + response + end of turn, masked to the response and end of turn."""
@@ -228,13 +212,6 @@ class PlannedBatch:
     indices: tuple[int, ...]  # into the example list; fewer than batch_size only at an epoch's end
 
 
-def bucket_width(length: int, widths: Sequence[int]) -> int:
-    for width in widths:
-        if length <= width:
-            return width
-    raise ValueError(f"an example of {length} positions exceeds the widest bucket ({widths[-1]})")
-
-
 def plan_batches(lengths: Sequence[int], batch_size: int, widths: Sequence[int], epochs: int,
                  seed: int) -> list[PlannedBatch]:
     """The whole run's batch order, a pure function of (lengths, settings, seed).
@@ -257,7 +234,7 @@ def plan_batches(lengths: Sequence[int], batch_size: int, widths: Sequence[int],
             batches += [chunk[i: i + batch_size] for i in range(0, len(chunk), batch_size)]
         for b in rng.permutation(len(batches)):
             indices = batches[b]
-            plan.append(PlannedBatch(epoch, bucket_width(int(lengths[indices].max()), widths),
+            plan.append(PlannedBatch(epoch, bucket_length(int(lengths[indices].max()), widths),
                                      tuple(int(i) for i in indices)))
     return plan
 

@@ -4,15 +4,14 @@ when it has one) and the Hugging Face export."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import time
 from pathlib import Path
 
 from flax import nnx
 
 from ngsd_jax.checkpoints.adapter import ADAPTER_SUBDIR, extract_adapter, save_adapter
 from ngsd_jax.checkpoints.weights import export_hf, save_params
+from ngsd_jax.files import replace_path
 from ngsd_jax.models.lora import LoRALinear, merge_lora
 from ngsd_jax.parallel.distributed import barrier, is_primary
 
@@ -43,13 +42,8 @@ def write_expert(model, tokenizer, output: Path, hf_output: Path | None, provena
             if adapter is not None:
                 save_adapter(adapter, staging / ADAPTER_SUBDIR)
         save_params(model, staging)
-        if primary and output.exists():
-            aside = output.with_name(f".{output.name}.replaced-{int(time.time())}")
-            os.replace(output, aside)
-            os.replace(staging, output)
-            shutil.rmtree(aside, ignore_errors=True)
-        elif primary:
-            os.replace(staging, output)
+        if primary:
+            replace_path(staging, output)
     finally:
         if primary:
             shutil.rmtree(staging, ignore_errors=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import signal
 import sys
@@ -16,19 +15,17 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from ngsd_jax.errors import UsageError
+from ngsd_jax.files import write_text_atomic
 from ngsd_jax.parallel.distributed import barrier, is_primary
-from ngsd_jax.training.recipe import RESUMABLE_CHANGES, Recipe, UsageError
+from ngsd_jax.training.recipe import RESUMABLE_CHANGES, Recipe
 
 
 def write_atomic(path: Path, text: str) -> None:
     """Replaces `path` by `text` in one step, from process 0 only (a multi-host run's other
     processes share its run directory, see distributed.check_shared_directory)."""
-    if not is_primary():
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(text, encoding="utf-8")
-    os.replace(staging, path)
+    if is_primary():
+        write_text_atomic(path, text)
 
 
 def check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool) -> None:
