@@ -36,6 +36,8 @@ import json
 import math
 import re
 
+from ngsd_jax.refusals import EXPERT_OPENINGS
+
 DIMENSIONS = ("severityScore", "actionabilityScore", "evasionScore", "targetingScore")
 
 # The score a key gets when the model's answer does not give a usable value for it.
@@ -319,11 +321,6 @@ def rate(text: str, user_request: str, parser: str = "lenient", all_zero_risk: i
 # --- running the base model -------------------------------------------------------------
 
 REFLECT_MODES = ("json", "logit", "expert", "off")
-# How refusals open (the project's training refusals all start with one of these); the first
-# token of each makes the expert mode's set. "As an AI" and "Unfortunately" are left out:
-# ordinary answers open with "As" and "Unfortunately" too.
-REFUSAL_OPENINGS = ("I can't", "I cannot", "I can not", "I won't", "I will not", "I'm sorry", "I am sorry",
-                    "Sorry", "I apologize", "I'm unable", "I am unable", "I'm not able", "I am not able")
 # With `prefix=True` the assistant turn starts inside the object: small models (SmolLM2-135M)
 # otherwise answer the request instead of rating it. The prefix is part of the text that gets
 # parsed. The reference does not force a start.
@@ -354,8 +351,8 @@ def _single_token_ids(tokenizer, words) -> list[int]:
 
 
 def refusal_opening_ids(tokenizer) -> list[int]:
-    """The tokens a refusal opens with: the first token of each of REFUSAL_OPENINGS."""
-    return sorted({tokenizer.encode(text, add_special_tokens=False)[0] for text in REFUSAL_OPENINGS})
+    """The tokens a refusal opens with: the first token of each of refusals.EXPERT_OPENINGS."""
+    return sorted({tokenizer.encode(text, add_special_tokens=False)[0] for text in EXPERT_OPENINGS})
 
 
 def refusal_opening_mask(tokenizer, vocab_size: int):
