@@ -57,7 +57,7 @@ class DecodeSettings:
     safedecoding_first_m: int = 2
     safedecoding_alpha: float = 3.0
     safedecoding_min_common: int = 5
-    early_stop: bool = False  # the reference's early-stop heuristic (spec §5); off: not traced at all
+    early_stop: bool = False  # the authors' early stop (spec §5), ngsd mode only; off: not traced at all
     early_stop_rule: es.EarlyStopRule = es.EarlyStopRule()
     shared_prompts: bool = False  # set by Engine.decode: an adapter expert whose prompts are the base's
     alpha_from_expert: bool = False  # set by Engine.decode when given an expert_risk
@@ -455,7 +455,9 @@ class Engine:
         if settings.uses_base and self.base_graph is None or settings.uses_expert and not has_expert:
             raise ValueError(f"mode '{settings.mode}' needs a model this engine was not given")
         paired = self.has_adapter and settings.uses_expert
+        # The authors early-stop inside NGSD only: every other mode decodes its answers whole.
         settings = dataclasses.replace(settings, sampling=bool((np.asarray(temperature) > 0).any()),
+                                       early_stop=settings.early_stop and settings.mode == "ngsd",
                                        shared_prompts=paired and list(map(list, expert_prompts)) == list(
                                            map(list, base_prompts)),
                                        alpha_from_expert=expert_risk is not None)
