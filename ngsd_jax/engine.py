@@ -388,7 +388,7 @@ class Engine:
             self.expert_config = base.config
         self.stop_ids = _stop_array(stop_ids)
         self.pad_id = int(pad_id)
-        # Needed only by settings with early_stop=True; on the device once (the automaton is V x ~160).
+        # Needed only by ngsd settings with early_stop=True; on the device once (the automaton is V x ~120).
         self.early_stop_tables = None if early_stop_tables is None else jax.device_put(early_stop_tables)
         self.compilations = 0
         self.mesh = mesh
