@@ -45,8 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
                           f"base also runs whenever there are benign prompts, to compare their answers with")
     run.add_argument("--alpha-sweep", help="comma-separated fixed alphas for ngsd and always, one condition each; "
                                            "'reflect' adds alpha as --reflect/--alpha set it (e.g. reflect,0.1,0.5,0.9)")
-    run.add_argument("--judge", help="refusal judge module:function or file.py:function, called (prompt, response) "
-                                     "-> True for a refusal (default: refusal keywords)")
+    run.add_argument("--judge", help="refusal judge: keywords (the default: the project's refusal keywords), reference "
+                                     "(the authors' keyword judge, DictJudge) or module:function or "
+                                     "file.py:function, called (prompt, response) -> True for a refusal; the ASR "
+                                     "under both keyword judges is reported whatever the judge")
     run.add_argument("--out", type=Path, default=Path("eval_out"), help="output directory (default eval_out)")
     run.add_argument("--resume", action="store_true", help="continue a run in --out, skipping the rows it holds")
     run.add_argument("--trace-prompt", type=int, help="dataset index of the answer drawn in trace.png "

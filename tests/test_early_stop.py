@@ -1,5 +1,8 @@
-"""The optional early-stop heuristic (spec §5): token tables from a tiny tokenizer, the jnp check
-against a direct Python port of the reference's rule on decoded text, and the fused engine with it on."""
+"""The authors' early stop (spec §5). The reference is a port written here, rule for rule, from the
+authors' utils/dis_safeDecoding_self_instinct_time_count.py (`detect_abnormal_output` and the decode
+loop of SelfInstinctSafeDecoding.generate that calls it), as plain Python over decoded strings; the
+module's tables, its jitted check and the fused engine are run against it on token sequences built
+for each rule and its boundary."""
 
 from __future__ import annotations
 
@@ -16,55 +19,91 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from ngsd_jax.decoding import early_stop as es
-from ngsd_jax.decoding.settings import DecodeSettings
 from ngsd_jax.decoding.engine import Engine
+from ngsd_jax.decoding.settings import MODES, DecodeSettings
 from ngsd_jax.checkpoints.weights import load_model
+from ngsd_jax.refusals import EARLY_STOP_PHRASES
+
+# ---------------------------------------------------------------------------------------------
+# The port. Data copied from detect_abnormal_output: its refusal patterns and its emoji regex.
+
+AUTHORS_REFUSAL_PATTERNS = [
+    "i cannot", "i can't", "just an ai", "cannot provide", "cannot fulfill", "i am sorry", "i'm sorry",
+    "i apologize", "cannot help with", "can't help with", "cannot answer", "can't answer",
+]
+AUTHORS_EMOJI = re.compile(
+    "["
+    "\U0001F600-\U0001F64F"
+    "\U0001F300-\U0001F5FF"
+    "\U0001F680-\U0001F6FF"
+    "\U0001F1E0-\U0001F1FF"
+    "\U00002700-\U000027BF"
+    "\U0001F900-\U0001F9FF"
+    "\U0001FA70-\U0001FAFF"
+    "]",
+    flags=re.UNICODE,
+)
+
+
+def authors_detect(text: str, refusal_patterns=AUTHORS_REFUSAL_PATTERNS) -> bool:
+    """detect_abnormal_output after its `tokenizer.decode(last 64 generated, skip_special_tokens=True)`."""
+    if sum(p in text.lower() for p in refusal_patterns) >= 1:
+        return True
+    if len(text) - len(text.rstrip(" ")) >= 3:
+        return True
+    text_with_no_space_tail = text.rstrip(" ")
+    if AUTHORS_EMOJI.search(text_with_no_space_tail):
+        return True
+    if any("\u0000" <= ch <= "\u001F" for ch in text_with_no_space_tail):
+        return True
+    return False
+
+
+def authors_loop(decode, decode_token, tokens, alpha, max_new_tokens, eos_id=None, first=128, every=7, last=256,
+                 window=64, extra=128, refusal_patterns=AUTHORS_REFUSAL_PATTERNS):
+    """The loop's stopping rules (num_speculate_tokens = 1) over a given stream of chosen tokens:
+    (the generated length it ends at, or None when it would run past the stream; the length at
+    which a check triggered, or None)."""
+    dynamic_M, early_stop_flag, triggered_at, cur_len, generated = max_new_tokens, False, None, 0, []
+    while cur_len < dynamic_M:
+        if cur_len == len(tokens):
+            return None, triggered_at
+        cur_token = tokens[cur_len]
+        generated.append(cur_token)
+        cur_len += 1
+        if cur_len >= dynamic_M:
+            break
+        if cur_token == eos_id:
+            break
+        if early_stop_flag and cur_len >= dynamic_M / 2:
+            if decode_token(cur_token) in [".", "!", "?"]:
+                break
+        if cur_len >= first and alpha >= 0.5:
+            if cur_len % every == 0 and not early_stop_flag and cur_len <= last:
+                seq = generated[-window:] if len(generated) > window else generated
+                if authors_detect(decode(seq), refusal_patterns):
+                    early_stop_flag, triggered_at = True, cur_len
+                    dynamic_M = cur_len + extra
+    return cur_len, triggered_at
+
+
+def _port_rule(rule: es.EarlyStopRule) -> dict:
+    return dict(first=rule.check_from, every=rule.check_every, last=rule.check_until, window=rule.window,
+                extra=rule.extra_tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny byte-level BPE tokenizer
 
 CORPUS = [
     "I'm sorry, I cannot help with that. I can't do it! As an AI I will not. Is it not appropriate?",
     "the cat sat on the mat and the dog ran in the park with a red ball",
     "Smile 😀 and sun ☀ and rocket 🚀 bell \x07 carriage \r tab \t newline \n quotes “like this” — dash",
     "spaces   here  and there. Done! Really? Yes.\n",
+    "Wait... so . and so ! or so ? Wait... Wait...",
 ]
 FILLER = " the cat sat on the mat and the dog ran in the park with a red ball"
-
-# ---------------------------------------------------------------------------------------------
-# The reference's rule, ported directly onto decoded text (spec §5 and the reference's checks:
-# lengths n >= 128, n % 7 == 0, n <= 256; phrases case-insensitive; control = U+0000-U+001F).
-
-REFERENCE_PHRASES = ("I'm sorry", "I am sorry", "I cannot", "I can't", "I apologize", "As an AI", "I'm not able to",
-                     "I am unable", "I will not", "I won't", "not appropriate", "illegal and unethical")
-REFERENCE_EMOJI = re.compile("[\u2300-\u23ff\u2600-\u27bf\u2b00-\u2bff\U0001F000-\U0001FAFF]")
-REFERENCE_CONTROL = re.compile("[\x00-\x1f]")
-
-
-def reference_step(decode, output_ids, alpha, cap, phrases=REFERENCE_PHRASES, first=128, every=7, last=256,
-                   window=64, extra=128):
-    """After each new token: (stop now, cap). `cap` is None until a check triggers."""
-    n = len(output_ids)
-    if cap is not None and (n >= cap or (n > cap // 2 and decode(output_ids).rstrip().endswith((".", "!", "?")))):
-        return True, cap
-    if alpha >= 0.5 and n >= first and n % every == 0 and n <= last:
-        text = decode(output_ids[-window:])
-        if (any(p.lower() in text.lower() for p in phrases) or text.endswith("   ")
-                or REFERENCE_EMOJI.search(text) or REFERENCE_CONTROL.search(text)):
-            cap = n + extra if cap is None else min(cap, n + extra)
-    return False, cap
-
-
-def reference_stop(decode, tokens, alpha, phrases=REFERENCE_PHRASES, **rule):
-    """(length at which the reference ends the sequence or None, final cap or None)."""
-    cap = None
-    for n in range(1, len(tokens) + 1):
-        stop, cap = reference_step(decode, tokens[:n], alpha, cap, phrases, **rule)
-        if stop:
-            return n, n
-    return None, cap
-
-
-def _port_rule(rule: es.EarlyStopRule) -> dict:
-    return dict(first=rule.check_from, every=rule.check_every, last=rule.check_until, window=rule.window,
-                extra=rule.extra_tokens)
+TOTAL = 320  # tokens in each test stream, and the max_new_tokens the port runs with
 
 
 @pytest.fixture(scope="module")
@@ -87,24 +126,32 @@ def _ids(tokenizer, text):
     return tokenizer.encode(text, add_special_tokens=False)
 
 
+def _one(tokenizer, text):
+    ids = _ids(tokenizer, text)
+    assert len(ids) == 1, (text, ids)
+    return ids[0]
+
+
 # ---------------------------------------------------------------------------------------------
-# Tables
+# Tables and the automaton against the port
 
 
-def test_module_constants_are_the_reference_s():
-    assert es.REFUSAL_PHRASES == REFERENCE_PHRASES
+def test_constants_phrases_and_checks_are_the_authors():
+    assert sorted(EARLY_STOP_PHRASES) == sorted(AUTHORS_REFUSAL_PATTERNS)
     assert [m for m in range(400) if es.EarlyStopRule().is_check(m)] == list(range(133, 253, 7))
-    assert (es.CHECK_FROM, es.CHECK_EVERY, es.CHECK_UNTIL, es.WINDOW, es.EXTRA_TOKENS, es.MIN_ALPHA) == (
-        128, 7, 256, 64, 128, 0.5)
-    for cp in list(range(0x2200, 0x2C00)) + list(range(0x1EF00, 0x1FC00)) + list(range(0, 0x80)):
-        assert es.is_emoji(chr(cp)) == bool(REFERENCE_EMOJI.match(chr(cp))), hex(cp)
-        assert es.is_control(chr(cp)) == bool(REFERENCE_CONTROL.match(chr(cp))), hex(cp)
+    assert (es.CHECK_FROM, es.CHECK_EVERY, es.CHECK_UNTIL, es.WINDOW, es.EXTRA_TOKENS, es.MIN_ALPHA,
+            es.TRAILING_SPACES) == (128, 7, 256, 64, 128, 0.5, 3)
     with pytest.raises(ValueError):
         es.EarlyStopRule(check_from=32, window=64)
+    with pytest.raises(ValueError, match="lower-case"):
+        es.trigger_patterns(["I cannot"])
     assert not DecodeSettings().early_stop  # off by default
+    # The spellings assume these are the only non-ASCII characters that lower-case into ASCII.
+    into_ascii = {chr(cp) for cp in range(0x80, 0x110000) if any(ord(c) < 0x80 for c in chr(cp).lower())}
+    assert into_ascii == {"\u0130", "\u212a"}
 
 
-def _triggers(tables, ids) -> bool:
+def _host_triggers(tables, ids) -> bool:
     """The trigger automaton run over token ids, on the host."""
     state = 0
     for i in ids:
@@ -112,65 +159,87 @@ def _triggers(tables, ids) -> bool:
     return state == tables.trigger_automaton.shape[1] - 1
 
 
-def test_tables_flag_emoji_control_sentence_ends_and_spaces(tokenizer, tables):
-    for text in ("😀", "🚀", "☀", " 😀", "⭐", "❤", " x ⭐ y", "\x07", "\r", "\n", "\t", "\x00", "\x1f",
-                 "I'm sorry", "SO i AM UNABLE to"):
-        assert _triggers(tables, _ids(tokenizer, text)), repr(text)
-    for text in ("\x7f", "the cat sat.", "“like this”", "—", "I'm sorr", "   ", "©", "→", " I am"):
-        assert not _triggers(tables, _ids(tokenizer, text)), repr(text)
-    star = _ids(tokenizer, "⭐")  # not in the corpus: three byte tokens; only all three make the emoji
-    assert len(star) == 3 and not _triggers(tables, star[:2]) and not _triggers(tables, star[1:])
+def test_automaton_on_every_code_point_near_the_emoji_and_control_ranges():
+    points = [cp for cp in list(range(0x3000)) + list(range(0x1F000, 0x1FC00)) if not 0xD800 <= cp < 0xE000]
+    automaton = es.trigger_automaton([chr(cp).encode("utf-8") for cp in points])
+    got = automaton[:, 0] == automaton.shape[1] - 1
+    expected = np.asarray([authors_detect(chr(cp)) for cp in points])
+    assert (got == expected).all(), [hex(points[i]) for i in np.flatnonzero(got != expected)][:10]
+    # the project's former ranges flagged these; the authors' regex does not
+    for cp in (0x26A0, 0x2605, 0x2B50, 0x231A, 0x2600, 0x1F000, 0x1F650, 0x1F700, 0x1FA00):
+        assert not authors_detect(chr(cp)) and not got[points.index(cp)], hex(cp)
 
-    def one(text):
+
+def test_every_phrase_and_no_other_in_any_case(tokenizer, tables):
+    decode = functools.partial(tokenizer.decode, skip_special_tokens=True)
+    texts = [f" so {p} x" for p in AUTHORS_REFUSAL_PATTERNS] + [f" {p.upper()}" for p in AUTHORS_REFUSAL_PATTERNS]
+    texts += [" JUST AN A\u0130", " Just an a\u0130 x", " \u0130 cannot", " \u0131 cannot", " I can’t"]
+    # the project's former extra phrases, which the authors do not have
+    texts += [" I will not", " I won't", " As an AI", " not appropriate", " illegal and unethical",
+              " I'm not able to", " I am unable", " I'm sorr", " cannot help", " I can"]
+    for text in texts:
         ids = _ids(tokenizer, text)
-        assert len(ids) == 1, (text, ids)
-        return ids[0]
-
-    for end in (".", "!", "?"):
-        assert tables.ends_sentence[one(end)] and not tables.blank[one(end)]
-    for other in (",", " the", "a"):
-        assert not tables.ends_sentence[one(other)]
-    assert tables.blank[one(" ")] and tables.blank[one("\n")] and tables.blank[tokenizer.eos_token_id]
-    assert tables.trailing_spaces[one("  ")] == 2 and tables.only_spaces[one("  ")]
-    assert tables.trailing_spaces[one(" ")] == 1 and tables.only_spaces[one(" ")]
-    assert tables.trailing_spaces[one(" the")] == 0 and not tables.only_spaces[one(" the")]
-    assert tables.only_spaces[tokenizer.eos_token_id]  # special tokens decode to nothing
-    assert tables.trigger_automaton[tokenizer.eos_token_id].tolist() == list(range(tables.trigger_automaton.shape[1]))
-    assert tables.ends_sentence.shape == (len(tokenizer),)
+        assert _host_triggers(tables, ids) == authors_detect(decode(ids)), repr(text)
+    verdicts = {t: authors_detect(t) for t in texts}
+    assert all(verdicts[f" so {p} x"] for p in AUTHORS_REFUSAL_PATTERNS)
+    assert verdicts[" JUST AN A\u0130"] and not verdicts[" \u0130 cannot"] and not verdicts[" I can’t"]
+    assert not any(verdicts[t] for t in texts[-10:])
 
 
-def test_trigger_automaton_finds_any_split_in_any_case():
+def test_random_windows_match_the_port():
+    """The jitted window check (automaton + trailing spaces) on random token windows, any split."""
     rng = np.random.RandomState(0)
-    texts = ["I cannot do it", "i CANNOT", "you can not", "As an a", "s an AI!", "not appropriat", "e",
-             "I'M SORRY", "I am sorr", "y", "illegal and unethical", "I can", "'t", "x", "", "😀", "☀"]
-    pieces = [t.encode() for t in texts] + ["😀".encode()[:1], "😀".encode()[1:3], "😀".encode()[3:],
-                                            "☀".encode()[:2], "☀".encode()[2:], "“".encode()[:1], "\n".encode()]
-    automaton = es.trigger_automaton(pieces, REFERENCE_PHRASES)
-    seen = automaton.shape[1] - 1
+    texts = ["I cannot do it", "i CANNOT", "you can not", "Just an a", "I", "\u0130", "i", "\u212a", " ",
+             "  ", "x ", "cannot help ", "with", "CAN'T ANSWER", "I'M SORRY", "I am sorr", "y", "I can", "'t",
+             "x", "", "😀", "☀", "\u00a0", "\x1f", "\x7f"]
+    raws = [t.encode() for t in texts] + ["😀".encode()[:1], "😀".encode()[1:3], "😀".encode()[3:],
+                                          "✂".encode()[:2], "✂".encode()[2:], "“".encode()[:1]]
+    texts += [r.decode("utf-8", errors="replace") for r in raws[len(texts):]]
+    phrases = EARLY_STOP_PHRASES + ("ok",)  # "ok" puts the Kelvin sign to the test
+    tables = es.build_tables(texts, raws, None, phrases)
+    width = 6
+    rows = [[texts.index("")] * width for _ in range(3000)]
+    for row in rows:
+        n = rng.randint(1, width + 1)
+        row[width - n:] = rng.randint(0, len(raws), size=n).tolist()
+    rule = es.EarlyStopRule(check_from=width, window=width)
+    got = jax.jit(es.window_triggers, static_argnums=3)(tables, jnp.asarray(rows), width, rule)
+    for row, hit in zip(rows, np.asarray(got)):
+        text = b"".join(raws[i] for i in row).decode("utf-8", errors="replace")
+        expected = authors_detect(text) or "ok" in text.lower()
+        assert bool(hit) == expected, [raws[i] for i in row]
+    assert es.trigger_automaton([b"x"]).dtype == np.int16
 
-    def run(ids):
-        state = 0
-        for i in ids:
-            state = automaton[i, state]
-        return state == seen
 
-    for _ in range(2000):
-        ids = rng.randint(0, len(pieces), size=rng.randint(1, 7)).tolist()
-        text = b"".join(pieces[i] for i in ids).decode("utf-8", errors="replace")
-        expected = (any(p.lower() in text.lower() for p in REFERENCE_PHRASES) or bool(REFERENCE_EMOJI.search(text))
-                    or bool(REFERENCE_CONTROL.search(text)))
-        assert run(ids) == expected, [pieces[i] for i in ids]
-    assert run([texts.index("I can"), texts.index("'t")]) and not run([texts.index("I can")])
-    assert automaton.dtype == np.int16
+def test_sentence_end_is_the_token_decoded_alone(tokenizer, tables):
+    alone = [tokenizer.decode(i) for i in range(len(tokenizer))]  # as the authors call it
+    assert tables.ends_sentence.tolist() == [t in [".", "!", "?"] for t in alone]
+    for end in (".", "!", "?"):
+        assert tables.ends_sentence[_one(tokenizer, end)]
+    for other in (" .", " !", "...", ",", " ", ".\n"):
+        ids = _ids(tokenizer, other)
+        assert len(ids) > 1 or not tables.ends_sentence[ids[0]], other
+    assert len(_ids(tokenizer, " .")) == 1 and len(_ids(tokenizer, "...")) == 1
+    padded = es.early_stop_tables(tokenizer, len(tokenizer) + 5)  # engine rows past the tokenizer
+    assert not padded.ends_sentence[len(tokenizer):].any() and padded.only_spaces[len(tokenizer):].all()
+    # SentencePiece-style: "▁." decodes alone to ".", so it ends a sentence, as for the authors.
+    sp = Tokenizer(models.BPE(byte_fallback=True))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    sp.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    sp.train_from_iterator(["so . and so ! ok", "Done. Wait"], trainers.BpeTrainer(
+        vocab_size=80, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    sp = PreTrainedTokenizerFast(tokenizer_object=sp, eos_token="</s>", unk_token="<unk>")
+    space_dot = sp.convert_tokens_to_ids("▁.")
+    assert sp.decode(space_dot) == "." and es.early_stop_tables(sp, len(sp)).ends_sentence[space_dot]
 
 
 # ---------------------------------------------------------------------------------------------
-# The jnp check against the port, on token sequences built to hit each rule and boundary
+# The jnp check in a loop against the port, on token streams built to hit each rule and boundary
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _run_rule(rule, tables, tokens, alpha):
-    """The engine's per-step use of early_stop_step over given token rows: (stop length or 0, cap)."""
+    """The engine's per-step use of early_stop_step over given token rows: (stop length or 0, cap, triggered)."""
     b, n = tokens.shape
 
     def body(carry, m):
@@ -181,8 +250,8 @@ def _run_rule(rule, tables, tokens, alpha):
 
     init = (jnp.zeros_like(tokens), jnp.full((b,), es.NO_CAP, jnp.int32), jnp.zeros((b,), bool),
             jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32))
-    (_, cap, _, _, length), _ = jax.lax.scan(body, init, jnp.arange(1, n + 1))
-    return length, cap
+    (_, cap, triggered, _, length), _ = jax.lax.scan(body, init, jnp.arange(1, n + 1))
+    return length, cap, triggered
 
 
 def _sequence(tokenizer, events: dict, total: int) -> list[int]:
@@ -199,81 +268,121 @@ def _sequence(tokenizer, events: dict, total: int) -> list[int]:
     return out[:total]
 
 
-def _compare(tokenizer, tables, cases, rule=es.EarlyStopRule(), total=320):
-    decode = functools.partial(tokenizer.decode, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+def _compare(tokenizer, tables, cases, rule=es.EarlyStopRule(), total=TOTAL):
+    """Runs the module and the port on each (events, alpha); returns the port's lengths (None: the
+    authors' cap lies past max_new_tokens, where the module stops at max_new_tokens)."""
+    decode = functools.partial(tokenizer.decode, skip_special_tokens=True)
     rows = [_sequence(tokenizer, events, total) for events, _ in cases]
     alphas = np.asarray([a for _, a in cases], np.float32)
-    length, cap = jax.device_get(_run_rule(rule, tables, jnp.asarray(rows, jnp.int32), jnp.asarray(alphas)))
+    length, cap, triggered = jax.device_get(
+        _run_rule(rule, tables, jnp.asarray(rows, jnp.int32), jnp.asarray(alphas)))
     got = []
     for i, row in enumerate(rows):
-        ref_len, ref_cap = reference_stop(decode, row, alphas[i], **_port_rule(rule))
-        assert (length[i] or None) == ref_len, (i, cases[i], length[i], ref_len)
-        assert (None if cap[i] == es.NO_CAP else cap[i]) == ref_cap, (i, cases[i], cap[i], ref_cap)
-        got.append(ref_len)
+        end, at = authors_loop(decode, tokenizer.decode, row, float(alphas[i]), total, **_port_rule(rule))
+        assert (length[i] or total) == (total if end is None else end), (i, cases[i], length[i], end)
+        assert bool(triggered[i]) == (at is not None), (i, cases[i])
+        if at is not None and not length[i]:
+            assert cap[i] == at + rule.extra_tokens, (i, cases[i])
+        got.append(end)
     return got
 
 
-def test_window_check_matches_the_reference(tokenizer, tables):
+def test_stream_check_positions_alpha_phrases_and_sentence_ends(tokenizer, tables):
     refusal = " I cannot"
     n_ref, n3, n2 = (len(_ids(tokenizer, t)) for t in (refusal, "   ", "  "))
     split = _ids(tokenizer, " I can") + _ids(tokenizer, "not")  # a tokenization no table of phrases holds
     assert split != _ids(tokenizer, refusal)
-    cap_stop = 133 + es.EXTRA_TOKENS
-    cases = [  # (events by token index, alpha), expected stop length
+    cap_133 = 133 + es.EXTRA_TOKENS
+    cases = [  # (events by token index, alpha), the authors' length
         (({130 - n_ref: refusal, 132: ".", 150: "."}, 0.9), 151),  # seen at 133; '.' at 132 is before the trigger
         (({133 - n_ref: refusal, 150: "."}, 0.9), 151),  # ends exactly at 133, the first check
         (({134 - n_ref: refusal, 150: "."}, 0.9), 151),  # ends at 134: seen at 140
         (({134 - n_ref: refusal, 138: "."}, 0.9), 140 + es.EXTRA_TOKENS),  # '.' at 139, before the trigger
         (({130 - n_ref: refusal, 150: "."}, 0.5), 151),  # alpha 0.5 is enough
-        (({130 - n_ref: refusal, 150: "."}, 0.49), None),  # ... 0.49 is not
-        (({66: refusal, 150: "."}, 0.9), None),  # in the window at 128, which is no check; gone by 133
-        (({68: refusal, 150: "."}, 0.9), None),  # starts one token before the window [69, 133)
+        (({130 - n_ref: refusal, 150: "."}, 0.49), TOTAL),  # ... 0.49 is not
+        (({66: refusal, 150: "."}, 0.9), TOTAL),  # in the window at 128, which is no check; gone by 133
+        (({68: refusal, 150: "."}, 0.9), TOTAL),  # starts one token before the window [69, 133)
         (({69: refusal, 150: "."}, 0.9), 151),  # starts at the window's first token
-        (({100: refusal, 20: ".", 120: "?"}, 0.9), cap_stop),  # no stop before the trigger: then the cap
+        (({100: refusal, 20: ".", 120: "?"}, 0.9), cap_133),  # no stop before the trigger: then the cap
         (({252 - n_ref: refusal, 280: "."}, 0.9), 281),  # seen at 252, the last check
-        (({253 - n_ref: refusal, 280: "."}, 0.9), None),  # ends at 253: no check after 252
-        (({110: refusal}, 0.9), cap_stop),  # no sentence end: stops at the cap 133 + 128
-        (({40: "I'm sorry", 150: "."}, 0.9), None),  # only before 128: never checked
-        (({140: "I'm sorry", 150: "."}, 0.9), 151),  # no leading space
+        (({252 - n_ref: refusal}, 0.9), None),  # cap 380 > max_new_tokens: the authors run past it
+        (({253 - n_ref: refusal, 280: "."}, 0.9), TOTAL),  # ends at 253: no check after 252
+        (({110: refusal}, 0.9), cap_133),  # no sentence end: stops at the cap 133 + 128
+        (({40: " I'm sorry", 150: "."}, 0.9), TOTAL),  # only before 128: never checked
+        (({140: "I'm sorry", 150: "."}, 0.9), 151),  # no leading space; seen at 147
         (({100: " i CANNOT", 150: "."}, 0.9), 151),  # any case
-        (({100: " AS AN AI", 150: "."}, 0.9), 151),
+        (({100: " JUST AN AI", 150: "."}, 0.9), 151),
+        (({100: " Just an A\u0130", 150: "."}, 0.9), 151),  # 'İ'.lower() is 'i' + U+0307
+        (({100: " \u0130 cannot", 150: "."}, 0.9), TOTAL),  # ... so this is no "i cannot"
+        (({100: " As an AI", 150: "."}, 0.9), TOTAL),  # not one of the authors' phrases
+        (({100: " I will not", 150: "."}, 0.9), TOTAL),
+        (({100: " not appropriate", 150: "."}, 0.9), TOTAL),
         (({100: split, 150: "."}, 0.9), 151),  # any tokenization
-        (({100: " I can", 150: "."}, 0.9), None),
-        (({133 - n3: "   ", 150: "."}, 0.9), 151),  # three trailing spaces at check 133
-        (({133 - n2: "  ", 150: "."}, 0.9), None),  # two are not enough
-        (({130: "   ", 150: "."}, 0.9), None),  # spaces followed by filler at the check: not trailing
-        (({100: " 😀", 150: "."}, 0.9), 151),
-        (({100: " 🚀", 150: "."}, 0.9), 151),
-        (({100: " ☀", 150: "."}, 0.9), 151),
-        (({100: " ⭐", 150: "."}, 0.9), 151),  # split after 0xE2: the neighbour-pair rule
-        (({100: "❤", 150: "."}, 0.9), 151),
-        (({131: "⭐", 150: "."}, 0.9), 151),  # 0xE2 at 131, the rest at 132 and 133: seen at 140
-        (({68: "⭐", 150: "."}, 0.9), None),  # the first window [69, 133) starts mid-character: nothing
-        (({100: " bell \x07", 150: "."}, 0.9), 151),
-        (({100: "\n", 150: "."}, 0.9), 151),  # newline and tab are control characters
-        (({100: "\t", 150: "."}, 0.9), 151),
-        (({100: "\r", 150: "."}, 0.9), 151),
-        (({100: "“like this” — \x7f ©", 150: "."}, 0.9), None),  # quotes, dash, DEL, ©: no trigger
-        (({120: refusal, 132: ".", 133: " "}, 0.9), 134),  # the text ends with '.' then a space: stops
-        (({120: refusal, 132: "."}, 0.9), cap_stop),  # the '.' came with the trigger, filler after it
+        (({100: " I can", 150: "."}, 0.9), TOTAL),
+        (({120: refusal, 140: "."}, 0.9), 141),  # the sentence-end tokens
         (({120: refusal, 140: "!"}, 0.9), 141),
         (({120: refusal, 140: "?"}, 0.9), 141),
+        (({120: refusal, 140: ".", 141: " "}, 0.9), 141),
+        (({120: refusal, 132: ".", 133: " "}, 0.9), cap_133),  # the text ends with '.' then ' ': not the token
+        (({120: refusal, 132: "."}, 0.9), cap_133),  # the '.' came before the trigger
+        (({120: refusal, 140: " ."}, 0.9), cap_133),  # " ." decoded alone is not "."
+        (({120: refusal, 140: "...", 150: " !"}, 0.9), cap_133),  # nor is "..."
         (({120: refusal, 140: ",", 200: "."}, 0.9), 201),
+        (({120: refusal, 140: "\x07"}, 0.9), cap_133),  # "\x07" ends nothing
     ]
     got = _compare(tokenizer, tables, [case for case, _ in cases])
     assert got == [expected for _, expected in cases]
 
 
-def test_window_check_with_short_rule_uses_half_the_cap(tokenizer, tables):
-    # trigger at 8 -> cap 48: sentence ends at or before 24 are ignored, the next one ends it
+def test_stream_trailing_spaces_emoji_and_control_characters(tokenizer, tables):
+    n3, n2 = (len(_ids(tokenizer, t)) for t in ("   ", "  "))
+    happy = _ids(tokenizer, "🙂")  # not in the corpus: split over byte tokens
+    assert len(happy) >= 3
+    cases = [
+        (({133 - n3: "   ", 150: "."}, 0.9), 151),  # three trailing spaces at check 133
+        (({133 - n2: "  ", 150: "."}, 0.9), TOTAL),  # two are not enough
+        (({131: " ", 132: "  ", 150: "."}, 0.9), 151),  # three over two tokens
+        (({130: "   ", 150: "."}, 0.9), TOTAL),  # spaces followed by filler at the check: not trailing
+        (({130: "\u00a0\u00a0\u00a0", 150: "."}, 0.9), TOTAL),  # no-break spaces are not ' '
+        (({100: " 😀", 150: "."}, 0.9), 151),
+        (({100: " 🚀", 150: "."}, 0.9), 151),
+        (({100: " ☀", 150: "."}, 0.9), TOTAL),  # U+2600: not in the authors' ranges
+        (({100: " ⭐", 150: "."}, 0.9), TOTAL),  # U+2B50: nor this
+        (({133 - len(happy): happy}, 0.9), 133 + es.EXTRA_TOKENS),  # its last byte at 132: seen at 133
+        (({134 - len(happy): happy}, 0.9), 140 + es.EXTRA_TOKENS),  # its last byte at 133: seen whole at 140
+        (({68: happy, 150: "."}, 0.9), TOTAL),  # the first window [69, 133) starts mid-character: nothing
+        (({100: " bell \x07", 150: "."}, 0.9), 151),
+        (({100: "\n", 150: "."}, 0.9), 151),  # newline and tab are control characters
+        (({100: "\t", 150: "."}, 0.9), 151),
+        (({100: "\r", 150: "."}, 0.9), 151),
+        (({100: "\x00", 150: "."}, 0.9), 151),
+        (({100: "\x1f", 150: "."}, 0.9), 151),
+        (({100: "“like this” — \x7f \x85 \u2028 ©", 150: "."}, 0.9), TOTAL),  # quotes, dash, DEL, C1, ©
+    ]
+    # every boundary of the authors' emoji ranges, just inside and just outside
+    for lo, hi in ((0x1F600, 0x1F64F), (0x1F300, 0x1F5FF), (0x1F680, 0x1F6FF), (0x1F1E0, 0x1F1FF),
+                   (0x2700, 0x27BF), (0x1F900, 0x1F9FF), (0x1FA70, 0x1FAFF)):
+        for cp in (lo - 1, lo, hi, hi + 1):
+            cases.append((({100: " " + chr(cp), 150: "."}, 0.9), 151 if AUTHORS_EMOJI.match(chr(cp)) else TOTAL))
+    got = _compare(tokenizer, tables, [case for case, _ in cases])
+    assert got == [expected for _, expected in cases]
+    assert got.count(151) > 10 and got.count(TOTAL) > 10
+
+
+def test_short_rule_half_the_cap(tokenizer, tables):
+    # trigger at 8 -> cap 48: a sentence end counts from the 24th token (2 * 24 >= 48) on
     rule = es.EarlyStopRule(check_from=8, check_every=4, check_until=40, window=8, extra_tokens=40)
     cases = [({3: " I cannot", 10: ".", 20: "!", 30: "?"}, 0.9),
-             ({3: " I cannot", 10: ".", 23: "!"}, 0.9),  # the 24th token is not past half the cap
-             ({3: " I cannot", 10: ".", 24: "!"}, 0.9),  # the 25th is
+             ({3: " I cannot", 10: ".", 22: "!"}, 0.9),  # the 23rd token is before half the cap
+             ({3: " I cannot", 10: ".", 23: "!"}, 0.9),  # the 24th is at it
              ({3: " I cannot"}, 0.9),
-             ({3: " I cannot", 30: "?"}, 0.1)]
+             ({3: " I cannot", 30: "?"}, 0.1),
+             ({3: " I cannot", 13: " I cannot"}, 0.9)]  # no check after a trigger: the cap stays 48
     got = _compare(tokenizer, tables, cases, rule, total=80)
-    assert got == [31, 48, 25, 48, None]
+    assert got == [31, 48, 24, 48, 80, 48]
+    odd = dataclasses.replace(rule, extra_tokens=41)  # cap 49: from the 25th token (24.5) on
+    got = _compare(tokenizer, tables, [({3: " I cannot", 23: "!"}, 0.9), ({3: " I cannot", 24: "!"}, 0.9)], odd, 80)
+    assert got == [49, 25]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,19 +408,20 @@ def pair(tmp_path_factory):
 
 def _fake_texts(sentence_ends=()):
     # "|" keeps token texts from running into each other, so a phrase's text matches only its tokens
-    return [f" w{i}|" + ("." if i in sentence_ends else "") for i in range(VOCAB)]
+    return ["." if i in sentence_ends else f" w{i}|" for i in range(VOCAB)]
 
 
 def _engine_case(engine, prompts, alphas, settings, texts, phrase):
     phrases = ["".join(texts[t] for t in phrase)]
-    tables = es.build_tables(texts, None, phrases)
+    tables = es.build_tables(texts, None, None, phrases)
     free = engine.decode(prompts, None, dataclasses.replace(settings, early_stop=False), alpha=alphas)
     stopped = engine.decode(prompts, None, dataclasses.replace(settings, early_stop=True), alpha=alphas,
                             early_stop_tables=tables)
     decode = lambda toks: "".join(texts[t] for t in toks)  # noqa: E731
     n = settings.max_new_tokens
     for i, alpha in enumerate(alphas):
-        ref, _ = reference_stop(decode, free.sequence(i), alpha, phrases, **_port_rule(settings.early_stop_rule))
+        ref, _ = authors_loop(decode, texts.__getitem__, free.sequence(i), alpha, n,
+                              refusal_patterns=phrases, **_port_rule(settings.early_stop_rule))
         end = n if ref is None else ref
         assert stopped.lengths[i] == end
         assert stopped.sequence(i) == free.sequence(i)[:end]
@@ -351,3 +461,23 @@ def test_engine_early_stop_at_the_cap_with_a_short_rule(pair):
     phrase = free.sequence(0)[12:13]  # one token in the window [12, 20) of the first check, at 20
     _, stopped = _engine_case(engine, prompts, [0.9], settings, _fake_texts(), phrase)
     assert stopped.lengths[0] == 40  # no sentence ends: cap = 20 + 20
+
+
+def test_engine_early_stop_applies_to_ngsd_only(pair):
+    base, expert = pair
+    engine = Engine(base, expert, vocab_size=VOCAB, stop_ids=[])
+    prompts = [np.random.RandomState(2).randint(4, VOCAB, size=8).tolist()]
+    rule = es.EarlyStopRule(check_from=16, check_every=5, check_until=40, window=8, extra_tokens=20)
+    tables = es.build_tables(_fake_texts(), None, None, ["|"])  # every window triggers
+    for mode in MODES:
+        settings = DecodeSettings(mode=mode, max_new_tokens=48, early_stop_rule=rule)
+        free = engine.decode(prompts, None, settings, alpha=0.9)
+        compilations = engine.compilations
+        on = engine.decode(prompts, None, dataclasses.replace(settings, early_stop=True), alpha=0.9,
+                           early_stop_tables=tables)
+        if mode == "ngsd":
+            assert on.lengths[0] == 40 and on.sequence(0) == free.sequence(0)[:40]
+        else:  # the very program of early_stop=False, which needs no tables
+            assert engine.compilations == compilations, mode
+            assert on.lengths[0] == free.lengths[0] == 48 and on.sequence(0) == free.sequence(0), mode
+            engine.decode(prompts, None, dataclasses.replace(settings, early_stop=True), alpha=0.9)

@@ -1,59 +1,67 @@
-"""The reference's optional early-stop heuristic (spec §5), in token space, inside the jitted loop.
+"""The authors' early stop (spec §5), in token space, inside the jitted loop.
 
-The rule, as the reference applies it after each generated token, with n the number of
-generated tokens: when alpha >= 0.5 and n >= 128, n % 7 == 0 and n <= 256 (n = 133, 140,
-..., 252), decode the last 64 generated tokens; if that text contains one of
-`REFUSAL_PHRASES` (case-insensitively), ends with >= 3 spaces, or holds an emoji (a code
-point in `EMOJI_RANGES`) or a control character (U+0000-U+001F, newline and tab included),
-cap the length at n + 128; past half of that cap, stop as soon as the whole generated
-text, stripped of trailing whitespace, ends with '.', '!' or '?', and at the cap at the
-latest. It is OFF by default (`DecodeSettings.early_stop`); when off, none of this is traced
-into the decode program.
+The rule, as the authors' NGSD loop applies it (utils/dis_safeDecoding_self_instinct_time_count.py:
+the decode loop and `detect_abnormal_output`), with n the number of generated tokens after
+each new token, in `ngsd` mode only (the engine turns it off in every other mode):
+
+- Check, while no check has triggered, when alpha >= 0.5 and n >= 128, n % 7 == 0 and
+  n <= 256 (n = 133, 140, ..., 252): decode the last 64 generated tokens (special tokens
+  skipped). It triggers when the text, lower-cased (`str.lower`), holds one of
+  `refusals.EARLY_STOP_PHRASES`, or ends with >= 3 ' ', or holds a character of the authors'
+  emoji ranges (`EMOJI_RANGES`) or a control character U+0000-U+001F (newline and tab
+  included). A trigger at n sets the cap to n + 128.
+- From the next token on, a triggered row stops after its n-th token when n reaches the
+  cap, or when 2n >= cap and that token decoded alone (`tokenizer.decode(token)`, the
+  tokenizer's defaults, as the authors call it) is exactly '.', '!' or '?'. (With the
+  authors' constants 2n >= cap at once: a triggered row stops at its next such token.)
+
+It is OFF by default (`DecodeSettings.early_stop`); when off, none of this is traced into
+the decode program. One deviation (README, deviations): the authors replace the length
+limit by the cap, so a trigger at n lets an answer run to n + 128 tokens past
+max_new_tokens; here the program's output buffer holds max_new_tokens, so an answer stops
+at the smaller of the two (the same lengths whenever max_new_tokens >= 380, as with the
+authors' default of 1024).
 
 XLA cannot decode text, so everything the rule asks of the text is answered from tables
 computed once on the host from the tokenizer (`early_stop_tables`), indexed by token id
 inside the loop (`early_stop_step`):
 
-- Token text. Each token's text is its text *in context*: decode([anchor, id]) minus
-  decode([anchor]) with anchor = the tokens of "a" (so SentencePiece's word-initial space is
-  kept), special tokens decoding to "" (skip_special_tokens=True), no clean-up of spaces. For
-  byte-level BPE the generated text is then exactly the concatenation of its tokens' texts.
-- Token bytes: a byte-level BPE token's raw bytes, a SentencePiece byte-fallback token's one
-  byte, any other token's text in context in UTF-8, and nothing for special tokens. For a
-  byte-level tokenizer the window's text is exactly what its tokens' bytes decode to.
-- Triggers (`trigger_automaton[V, S]`): every refusal phrase (lower-cased), the UTF-8 encoding
-  of every emoji and every control byte are patterns of one Aho-Corasick automaton over bytes
-  (upper-case ASCII read as lower case), with one absorbing state for "a pattern was read".
-  Row v is the state reached from each state after reading token v's bytes. Running the
-  window's 64 tokens through it finds a phrase wherever its characters fall across tokens,
-  in any case and any tokenization, and an emoji wherever its bytes are split, and only
-  when all of its bytes lie in the window, as when the reference decodes the window (UTF-8
-  synchronises itself: an encoding that appears in the bytes is that character).
+- Token text. Each token's text in context: decode([anchor, id]) minus decode([anchor])
+  with anchor = the tokens of "a" (so SentencePiece's word-initial space is kept), special
+  tokens decoding to "" (skip_special_tokens=True), no clean-up of spaces. For byte-level
+  BPE the window's text is then exactly the concatenation of its tokens' texts.
+- Token bytes: a byte-level BPE token's raw bytes, a SentencePiece byte-fallback token's
+  one byte, any other token's text in context in UTF-8, and nothing for special tokens.
+- Triggers (`trigger_automaton[V, S]`): every spelling of every phrase (`phrase_spellings`:
+  the texts whose `lower()` holds it), the UTF-8 encoding of every emoji and every control
+  byte are patterns of one Aho-Corasick automaton over bytes (upper-case ASCII read as lower
+  case), with one absorbing state for "a pattern was read". Row v is the state reached from
+  each state after reading token v's bytes. Running the window's 64 tokens through it finds
+  a phrase wherever its characters fall across tokens, in any case and tokenization, and an
+  emoji wherever its bytes are split, and only when all of its bytes lie in the window, as
+  when the window is decoded (UTF-8 synchronises itself: an encoding that appears in the
+  bytes is that character).
 - Trailing spaces. `trailing_spaces[V]` counts ' ' at the end of the token's text and
   `only_spaces[V]` marks texts made only of ' ' (empty included). The window's text ends with
   the sum of trailing_spaces over its last non-only-spaces token and every token after it.
-- Sentence end. `blank[V]` marks texts that are empty or whitespace, `ends_sentence[V]`
-  texts that, stripped of trailing whitespace, end with '.', '!' or '?'. The generated text
-  stripped of trailing whitespace ends like its last non-blank token.
+- Sentence end. `ends_sentence[V]`: the token decoded alone is exactly '.', '!' or '?'.
 
-Where token space differs from the reference's decoded text (README, deviations): the
-reference decodes the window as one text, so for a tokenizer that is not byte-level, or whose
-decode cleans up spaces (" ." -> "."), the window's text can differ from its tokens' texts put
-together (a SentencePiece window's first token keeps its word-initial space here, which
-matters only for a window made of spaces); and a whitespace character split across byte
-tokens (a no-break space) does not count as whitespace for the sentence-end test here.
+Where token space differs from the authors' decoded window (README, deviations): the
+authors decode the window as one text with the tokenizer's default clean-up of spaces, so
+for a tokenizer that is not byte-level, or whose decode cleans up spaces (" 'm" -> "'m",
+"ca n't" -> "can't"), the window's text can differ from its tokens' texts put together (a
+SentencePiece window's first token keeps its word-initial space here, which matters only
+for a window made of spaces).
 
 Positions, with m the generated length after the newest token: the check runs (under a
-`lax.cond`, so other steps skip it) at the m above for rows whose alpha >= 0.5, over tokens
-[m - 64, m). A trigger sets cap = min(cap, m + 128) (a later trigger never extends it). From
-the next token on, a triggered row stops after its m-th token when m > cap // 2 and the text
-ends a sentence, or when m reaches cap. With the spec's constants cap // 2 < m at once, so a
-triggered row stops at its next sentence end or at the cap.
+`lax.cond`, so other steps skip it) at the m above for untriggered rows whose alpha >= 0.5,
+over tokens [m - 64, m).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import re
 from typing import NamedTuple
@@ -61,6 +69,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ngsd_jax.refusals import EARLY_STOP_PHRASES
 
 CHECK_FROM = 128  # no check before this generated length
 CHECK_EVERY = 7  # checks where the generated length is a multiple of this
@@ -71,18 +81,19 @@ MIN_ALPHA = 0.5  # rows with a smaller alpha are never checked
 TRAILING_SPACES = 3  # this many trailing ' ' in the window trigger
 NO_CAP = np.iinfo(np.int32).max
 
-REFUSAL_PHRASES = (
-    "I'm sorry", "I am sorry", "I cannot", "I can't", "I apologize", "As an AI", "I'm not able to",
-    "I am unable", "I will not", "I won't", "not appropriate", "illegal and unethical",
-)
-EMOJI_RANGES = ((0x2300, 0x23FF), (0x2600, 0x27BF), (0x2B00, 0x2BFF), (0x1F000, 0x1FAFF))
+# The authors' emoji regex (detect_abnormal_output), range for range.
+EMOJI_RANGES = ((0x1F600, 0x1F64F), (0x1F300, 0x1F5FF), (0x1F680, 0x1F6FF), (0x1F1E0, 0x1F1FF), (0x2700, 0x27BF),
+                (0x1F900, 0x1F9FF), (0x1FA70, 0x1FAFF))
 CONTROL_UNTIL = 0x1F  # U+0000..U+001F are control characters, newline and tab included
 SENTENCE_ENDS = (".", "!", "?")
+# Every non-ASCII character whose str.lower() holds ASCII (tested): the Kelvin sign -> "k",
+# and "İ" -> "i" + U+0307.
+_LOWER_TO_ASCII = {c: c.lower() for c in ("\u0130", "\u212a")}
 
 
 @dataclasses.dataclass(frozen=True)
 class EarlyStopRule:
-    """The heuristic's constants (the reference's by default); static, part of DecodeSettings."""
+    """The heuristic's constants (the authors' by default); static, part of DecodeSettings."""
 
     check_from: int = CHECK_FROM
     check_every: int = CHECK_EVERY
@@ -107,8 +118,7 @@ class EarlyStopTables(NamedTuple):
     """Per-token facts about the tokenizer's texts, and the triggers as an automaton over token ids."""
 
     trigger_automaton: np.ndarray  # [V, S] int16/int32: state after the token's bytes; S - 1 = triggered
-    ends_sentence: np.ndarray  # [V] bool
-    blank: np.ndarray  # [V] bool
+    ends_sentence: np.ndarray  # [V] bool: the token decoded alone is exactly '.', '!' or '?'
     trailing_spaces: np.ndarray  # [V] int32
     only_spaces: np.ndarray  # [V] bool
 
@@ -117,21 +127,18 @@ class EarlyStopTables(NamedTuple):
 # Text predicates (host side)
 
 
-def is_emoji(ch: str) -> bool:
-    cp = ord(ch)
-    return any(lo <= cp <= hi for lo, hi in EMOJI_RANGES)
-
-
-def is_control(ch: str) -> bool:
-    return ord(ch) <= CONTROL_UNTIL
-
-
 def trailing_space_count(text: str) -> int:
     return len(text) - len(text.rstrip(" "))
 
 
-def ends_sentence(text: str) -> bool:
-    return text.rstrip().endswith(SENTENCE_ENDS)
+def phrase_spellings(phrase: str) -> list[str]:
+    """The texts whose `lower()` holds `phrase` (lower-case) are those holding one of these, ASCII case
+    aside: the Kelvin sign may stand for any "k", and "İ" for a final "i" (U+0307 follows its "i")."""
+    if phrase != phrase.lower():
+        raise ValueError(f"early-stop phrase {phrase!r}: phrases are matched in lower-cased text, so lower-case")
+    options = [[ch] + [c for c, low in _LOWER_TO_ASCII.items() if low == ch or (j == len(phrase) - 1 and low[0] == ch)]
+               for j, ch in enumerate(phrase)]
+    return ["".join(spelling) for spelling in itertools.product(*options)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,10 +147,11 @@ def ends_sentence(text: str) -> bool:
 _LOWER_ASCII = np.asarray([b + 32 if ord("A") <= b <= ord("Z") else b for b in range(256)])
 
 
-def trigger_patterns(phrases=REFUSAL_PHRASES) -> list[bytes]:
-    """Byte strings whose presence in the window triggers: phrases (lower-cased), emoji, controls."""
+def trigger_patterns(phrases=EARLY_STOP_PHRASES) -> list[bytes]:
+    """Byte strings whose presence in the window triggers: every phrase's spellings, emoji, controls."""
+    spellings = [s.encode("utf-8") for p in phrases if p for s in phrase_spellings(p)]
     emoji = [chr(cp).encode("utf-8") for lo, hi in EMOJI_RANGES for cp in range(lo, hi + 1)]
-    return [p.lower().encode("utf-8") for p in phrases if p] + emoji + [bytes([b]) for b in range(CONTROL_UNTIL + 1)]
+    return spellings + emoji + [bytes([b]) for b in range(CONTROL_UNTIL + 1)]
 
 
 def byte_automaton(patterns) -> np.ndarray:
@@ -187,7 +195,7 @@ def byte_automaton(patterns) -> np.ndarray:
     return np.concatenate([folded, np.full((1, 256), seen, np.int64)])
 
 
-def trigger_automaton(raws, phrases=REFUSAL_PHRASES) -> np.ndarray:
+def trigger_automaton(raws, phrases=EARLY_STOP_PHRASES) -> np.ndarray:
     """[V, S]: the state reached from each state after reading each token's bytes."""
     delta = byte_automaton(trigger_patterns(phrases))
     states = delta.shape[0]
@@ -261,19 +269,21 @@ def token_bytes(tokenizer, vocab_size: int, texts: list[str]) -> list[bytes]:
     return out
 
 
-def early_stop_tables(tokenizer, vocab_size: int, phrases=REFUSAL_PHRASES) -> EarlyStopTables:
+def early_stop_tables(tokenizer, vocab_size: int, phrases=EARLY_STOP_PHRASES) -> EarlyStopTables:
     """All tables for `vocab_size` token ids (the engine's vocabulary), built once on the host."""
     texts = token_texts(tokenizer, vocab_size)
-    return build_tables(texts, token_bytes(tokenizer, vocab_size, texts), phrases)
+    alone = tokenizer.batch_decode([[i] for i in range(vocab_size)])  # decode(token), the tokenizer's defaults
+    return build_tables(texts, token_bytes(tokenizer, vocab_size, texts), alone, phrases)
 
 
-def build_tables(texts, raws=None, phrases=REFUSAL_PHRASES) -> EarlyStopTables:
-    """Tables from each token's text in context, its bytes (default: the text in UTF-8) and the phrases."""
+def build_tables(texts, raws=None, alone=None, phrases=EARLY_STOP_PHRASES) -> EarlyStopTables:
+    """Tables from each token's text in context, its bytes (default: the text in UTF-8), its text
+    decoded alone (default: the text in context) and the phrases."""
     raws = [t.encode("utf-8") for t in texts] if raws is None else raws
+    alone = texts if alone is None else alone
     return EarlyStopTables(
         trigger_automaton=trigger_automaton(raws, phrases),
-        ends_sentence=np.asarray([ends_sentence(t) for t in texts], bool),
-        blank=np.asarray([t.strip() == "" for t in texts], bool),
+        ends_sentence=np.asarray([t in SENTENCE_ENDS for t in alone], bool),
         trailing_spaces=np.asarray([trailing_space_count(t) for t in texts], np.int32),
         only_spaces=np.asarray([t.strip(" ") == "" for t in texts], bool),
     )
@@ -308,34 +318,24 @@ def window_triggers(tables: EarlyStopTables, tokens, m, rule: EarlyStopRule = Ea
     return _contains_pattern(tables.trigger_automaton, window) | spaces
 
 
-def text_ends_sentence(tables: EarlyStopTables, tokens, m):
-    """Whether the first m generated tokens [B, N], stripped of trailing whitespace, end a sentence: [B]."""
-    position = jnp.arange(tokens.shape[1])
-    written = ~jnp.asarray(tables.blank)[tokens] & (position < m)
-    last = jnp.max(jnp.where(written, position, -1), axis=1)
-    last_token = jnp.take_along_axis(tokens, jnp.maximum(last, 0)[:, None], axis=1)[:, 0]
-    return (last >= 0) & jnp.asarray(tables.ends_sentence)[last_token]
-
-
 def early_stop_update(tables: EarlyStopTables, tokens, m, alpha, cap, triggered,
                       rule: EarlyStopRule = EarlyStopRule()):
     """The check at generated length m over tokens [B, N]: (cap, triggered) after it."""
     if tokens.shape[1] < rule.window:  # static: no check position is reachable
         return cap, triggered
-    eligible = alpha >= rule.min_alpha
+    eligible = (alpha >= rule.min_alpha) & ~triggered  # the authors check until the first trigger
     # Checks are rare (19 lengths); the cond keeps the window scan off every other step.
     hit = eligible & jax.lax.cond(rule.is_check(m) & jnp.any(eligible),
                                   lambda: window_triggers(tables, tokens, m, rule),
                                   lambda: jnp.zeros(eligible.shape, bool))
-    return jnp.where(hit, jnp.minimum(cap, m + rule.extra_tokens), cap), triggered | hit
+    return jnp.where(hit, m + rule.extra_tokens, cap), triggered | hit
 
 
 def should_stop(tables: EarlyStopTables, tokens, m, cap, triggered):
-    """A triggered row ends with its m-th token at the cap, or past half the cap when its text ends a sentence."""
-    past_half = triggered & (m > cap // 2)
-    sentence = jax.lax.cond(jnp.any(past_half), lambda: text_ends_sentence(tables, tokens, m),
-                            lambda: jnp.zeros(cap.shape, bool))
-    return triggered & ((m >= cap) | (past_half & sentence))
+    """A triggered row ends with its m-th token at the cap, or, once 2m >= cap, when that token
+    decoded alone is exactly '.', '!' or '?'."""
+    sentence_end = jnp.asarray(tables.ends_sentence)[tokens[:, m - 1]]
+    return triggered & ((m >= cap) | ((2 * m >= cap) & sentence_end))
 
 
 def early_stop_step(tables: EarlyStopTables, rule: EarlyStopRule, tokens, m, alpha, cap, triggered, live):

@@ -84,7 +84,7 @@ class Engine:
             self.expert_config = base.config
         self.stop_ids = _stop_array(stop_ids)
         self.pad_id = int(pad_id)
-        # Needed only by settings with early_stop=True; on the device once (the automaton is V x ~160).
+        # Needed only by ngsd settings with early_stop=True; on the device once (the automaton is V x ~120).
         self.early_stop_tables = None if early_stop_tables is None else jax.device_put(early_stop_tables)
         self.compilations = 0
         self.mesh = mesh
@@ -151,7 +151,9 @@ class Engine:
         if settings.uses_base and self.base_graph is None or settings.uses_expert and not has_expert:
             raise ValueError(f"mode '{settings.mode}' needs a model this engine was not given")
         paired = self.has_adapter and settings.uses_expert
+        # The authors early-stop inside NGSD only: every other mode decodes its answers whole.
         settings = dataclasses.replace(settings, sampling=bool((np.asarray(temperature) > 0).any()),
+                                       early_stop=settings.early_stop and settings.mode == "ngsd",
                                        shared_prompts=paired and list(map(list, expert_prompts)) == list(
                                            map(list, base_prompts)),
                                        alpha_from_expert=expert_risk is not None)

@@ -39,6 +39,8 @@ import re
 import jax.numpy as jnp
 import numpy as np
 
+from ngsd_jax.refusals import EXPERT_OPENINGS
+
 DIMENSIONS = ("severityScore", "actionabilityScore", "evasionScore", "targetingScore")
 
 # The score a key gets when the model's answer does not give a usable value for it.
@@ -316,11 +318,6 @@ def rate(text: str, user_request: str, parser: str = "lenient", all_zero_risk: i
 
 
 REFLECT_MODES = ("json", "logit", "expert", "off")
-# How refusals open (the project's training refusals all start with one of these); the first
-# token of each makes the expert mode's set. "As an AI" and "Unfortunately" are left out:
-# ordinary answers open with "As" and "Unfortunately" too.
-REFUSAL_OPENINGS = ("I can't", "I cannot", "I can not", "I won't", "I will not", "I'm sorry", "I am sorry",
-                    "Sorry", "I apologize", "I'm unable", "I am unable", "I'm not able", "I am not able")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,8 +333,8 @@ class Reflection:
 
 
 def refusal_opening_ids(tokenizer) -> list[int]:
-    """The tokens a refusal opens with: the first token of each of REFUSAL_OPENINGS."""
-    return sorted({tokenizer.encode(text, add_special_tokens=False)[0] for text in REFUSAL_OPENINGS})
+    """The tokens a refusal opens with: the first token of each of refusals.EXPERT_OPENINGS."""
+    return sorted({tokenizer.encode(text, add_special_tokens=False)[0] for text in EXPERT_OPENINGS})
 
 
 def refusal_opening_mask(tokenizer, vocab_size: int):

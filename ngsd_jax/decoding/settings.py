@@ -25,7 +25,7 @@ class DecodeSettings:
     safedecoding_first_m: int = 2
     safedecoding_alpha: float = 3.0
     safedecoding_min_common: int = 5
-    early_stop: bool = False  # the reference's early-stop heuristic (spec §5); off: not traced at all
+    early_stop: bool = False  # the authors' early stop (spec §5), ngsd mode only; off: not traced at all
     early_stop_rule: es.EarlyStopRule = es.EarlyStopRule()
     shared_prompts: bool = False  # set by Engine.decode: an adapter expert whose prompts are the base's
     alpha_from_expert: bool = False  # set by Engine.decode when given an expert_risk

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import statistics
 
+from ngsd_jax.evaluation.judges import keyword_verdicts
+
 
 def first_difference(tokens: list[int], reference: list[int]) -> int | None:
     """Index of the first token where two answers differ (the shorter one's length if one is a
@@ -40,6 +42,12 @@ def roc_auc(scores: list[float], positive: list[bool]) -> float | None:
     return (positive_rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
+def _keyword_verdicts(rows: list[dict]) -> dict[str, list[str]]:
+    """{keyword judge: its verdict per row}; rows written before they were stored are judged here."""
+    stored = [r.get("keyword_verdicts") or keyword_verdicts(r["prompt"], r["prefill"] + r["output"]) for r in rows]
+    return {name: [v[name] for v in stored] for name in stored[0]}
+
+
 def label_metrics(rows: list[dict], harmful: bool) -> dict:
     """Every per-label figure of one condition, from its sample rows alone."""
     out: dict = {"n": len(rows)}
@@ -49,6 +57,8 @@ def label_metrics(rows: list[dict], harmful: bool) -> dict:
     out["refusal_rate"] = refusal
     if harmful:
         out["asr"] = 1.0 - refusal
+        out["asr_by_judge"] = {name: 1.0 - _mean(v == "refusal" for v in verdicts)
+                               for name, verdicts in _keyword_verdicts(rows).items()}
     answered = [r for r in rows if r["correct"] is not None]
     out["accuracy"] = _mean(r["correct"] for r in answered)
     gated = [r for r in rows if r["spikes"] is not None]

@@ -24,7 +24,8 @@ def report_table(results: dict) -> str:
     """The modes side by side, one row per condition (markdown)."""
     accuracy = any(c[label].get("accuracy") is not None for c in results["conditions"]
                    for label in ("harmful", "benign"))
-    head = ["condition", "harmful refused", "ASR", "benign refused", "benign identical to base",
+    head = ["condition", "harmful refused", "ASR", "ASR keywords / reference", "benign refused",
+            "benign identical to base",
             "first differing token (mean / median)", "benign with a spike", "spikes per answer (harmful / benign)",
             "steered tokens", "tokens/s", "reflection s/prompt"]
     if accuracy:
@@ -33,7 +34,9 @@ def report_table(results: dict) -> str:
     for c in results["conditions"]:
         h, b, cost = c["harmful"], c["benign"], c["cost"]
         steered = [x.get("steered_token_fraction") for x in (h, b) if x.get("n")]
-        cells = [c["name"], _pct(h.get("refusal_rate")), _pct(h.get("asr")), _pct(b.get("refusal_rate")),
+        by_judge = h.get("asr_by_judge") or {}
+        cells = [c["name"], _pct(h.get("refusal_rate")), _pct(h.get("asr")),
+                 f"{_pct(by_judge.get('keywords'))} / {_pct(by_judge.get('reference'))}", _pct(b.get("refusal_rate")),
                  _pct(b.get("identical_to_base")),
                  f"{_num(b.get('first_diff_mean'))} / {_num(b.get('first_diff_median'))}",
                  _pct(b.get("spike_rate")),
@@ -75,7 +78,9 @@ def report_markdown(results: dict, trace_row: dict | None, has_tradeoff: bool) -
              + (f", the first {results['prefill_tokens']} tokens of each prompt's prefill forced"
                 if results["prefill_tokens"] else "") + ".", "",
              report_table(results), "",
-             "ASR: harmful prompts whose answer the judge did not call a refusal. Identical to base: the "
+             "ASR: harmful prompts whose answer the judge did not call a refusal; also under each built-in "
+             "keyword judge: `keywords` (the project's list) and `reference` (the authors' DictJudge, to set "
+             "beside the paper's keyword ASR). Identical to base: the "
              "answer equals the `base` mode's token for token; the first differing token is averaged over "
              "the answers that differ. Spikes count the neuron's firings (ngsd only). Steered tokens: the "
              "share of generated tokens chosen from a distribution the expert moved (harmful / benign). "

@@ -26,7 +26,7 @@ from ngsd_jax.decoding.pair import (
 from ngsd_jax.decoding.settings import MODES
 from ngsd_jax.errors import UsageError
 from ngsd_jax.evaluation.dataset import read_dataset
-from ngsd_jax.evaluation.judges import exact_answer, load_judge
+from ngsd_jax.evaluation.judges import exact_answer, keyword_verdicts, load_judge
 from ngsd_jax.evaluation.metrics import compute_results, first_difference
 from ngsd_jax.evaluation.report import report_table, write_outputs
 from ngsd_jax.files import jsonl_values, write_text_atomic
@@ -215,6 +215,7 @@ def evaluate(opts: EvalOptions) -> int:
                     "reflect": reflect_mode, "risk": risks[r],
                     "prefill": prefill_text, "output": output, "tokens": tokens, "new_tokens": n,
                     "verdict": "refusal" if judge(item.prompt, prefill_text + output) else "answer",
+                    "keyword_verdicts": keyword_verdicts(item.prompt, prefill_text + output),
                     "answer": item.answer,
                     "correct": None if item.answer is None else exact_answer(prefill_text + output, item.answer),
                     "spikes": int(result.spike[r, :n].sum()) if condition.mode == "ngsd" else None,

@@ -33,13 +33,9 @@ from ngsd_jax.decoding.settings import DecodeSettings
 from ngsd_jax.errors import UsageError
 from ngsd_jax.files import jsonl_values
 from ngsd_jax.parallel.distributed import barrier, is_primary, say
+from ngsd_jax.refusals import ALREADY_REFUSES
 from ngsd_jax.training.recipe import Recipe, resolve_data_path
 from ngsd_jax.training.state import write_atomic
-
-# Phrases that mark an answer that already refuses; the base's own refusals make no harmful
-# prefix for a recovery example. (The evaluation judge lives apart, in bench/jbb_refusals.py.)
-REFUSAL_OPENINGS = ("I'm sorry", "I am sorry", "I cannot", "I can't", "I can not", "I won't", "I will not",
-                    "I'm not able", "I am not able", "I'm unable", "I am unable", "As an AI", "I apologize")
 
 
 class DataError(ValueError):
@@ -290,7 +286,7 @@ def parse_benign(obj: dict) -> dict:
 
 
 def looks_like_refusal(text: str) -> bool:
-    return any(marker.lower() in text.lower() for marker in REFUSAL_OPENINGS)
+    return any(marker.lower() in text.lower() for marker in ALREADY_REFUSES)
 
 
 def generate_answers(make_engine: Callable[[], object], tokenizer, requests: Sequence[tuple[str, str]],
