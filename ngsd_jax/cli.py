@@ -96,10 +96,10 @@ def add_decode_options(p: argparse.ArgumentParser, single_mode: bool = True) -> 
     dec.add_argument("--seed", type=int, default=0)
     dec.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
     dec.add_argument("--early-stop", action="store_true", default=None,
-                     help="the reference's early-stop heuristic (spec §5; off by default): at 133, 140, ..., 252 "
-                          "tokens, when alpha >= 0.5, a refusal phrase, 3 trailing spaces, an emoji or a control "
+                     help="the authors' early stop (spec §5; off by default; ngsd mode only): at 133, 140, ..., "
+                          "252 tokens, when alpha >= 0.5, a refusal phrase, 3 trailing spaces, an emoji or a control "
                           "character (newline included) in the last 64 tokens caps the answer at +128 tokens, "
-                          "ending at a sentence end")
+                          "ending at a token that is a sentence end alone; never past --max-new-tokens")
     gate = p.add_argument_group("gate (spec defaults)")
     gate.add_argument("--tau", type=float, default=None, help="neuron time constant (8)")
     gate.add_argument("--threshold", type=float, default=None, help="firing threshold (1.0)")
