@@ -7,7 +7,7 @@ computes it.
 - The default recipe's adapter (`ADAPTER_RANK`, `ADAPTER_ALPHA`, `ADAPTER_TOP_LAYERS`,
   `synthetic_adapter`) and the short chat prompt of the speed benchmarks.
 - The held-out split of the shipped training data (`SETS`, `heldout`), read from
-  `ngsd_jax.paths.DATA_DIR`.
+  `ngsd_jax.paths.DATA_DIR`, and how well a risk score separates its sets (`harmful_auc`).
 - The default pair, loaded the way `python -m ngsd_jax.decode` loads it (`decode_options`,
   `load_default_pair`): its flags go through `ngsd_jax.cli`, so the preset, the distribution
   size, the stop tokens and the reflection settings are decode's own.
@@ -125,6 +125,14 @@ def heldout(name: str, limit: int = 0) -> list[str]:
     if 0 < limit < len(prompts):
         prompts = [prompts[int(i)] for i in np.linspace(0, len(prompts) - 1, limit)]
     return prompts
+
+
+def harmful_auc(harmful: list[float], other: list[float]) -> float | None:
+    """ROC AUC of a risk score separating the harmful prompts from another set's
+    (`ngsd_jax.evaluation.metrics.roc_auc`, harmful as the positives)."""
+    from ngsd_jax.evaluation.metrics import roc_auc
+
+    return roc_auc(list(harmful) + list(other), [True] * len(harmful) + [False] * len(other))
 
 
 def model_flags(base: str | None = None, expert: str | None = None) -> list[str]:
