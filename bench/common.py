@@ -135,6 +135,12 @@ def harmful_auc(harmful: list[float], other: list[float]) -> float | None:
     return roc_auc(list(harmful) + list(other), [True] * len(harmful) + [False] * len(other))
 
 
+def add_pair_arguments(parser) -> None:
+    """--base and --expert, named as decode names them (`model_flags` hands them on to it)."""
+    parser.add_argument("--base", help="base checkpoint (default: the embedded SmolLM2-135M)")
+    parser.add_argument("--expert", help="expert checkpoint (default: the one `python -m ngsd_jax.train` builds)")
+
+
 def model_flags(base: str | None = None, expert: str | None = None) -> list[str]:
     """decode's --base and --expert flags for the models a script was given (none: the default pair)."""
     return [*(["--base", base] if base else []), *(["--expert", expert] if expert else [])]

@@ -39,7 +39,7 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common import SETS, harmful_auc, heldout, load_default_pair, model_flags  # noqa: E402
+from common import SETS, add_pair_arguments, harmful_auc, heldout, load_default_pair, model_flags  # noqa: E402
 
 BASE_BATCH = 64  # prompts per decode of the base's answers
 
@@ -126,8 +126,7 @@ def first_change(d, changes, tau, threshold, soft_reset):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", help="base checkpoint (default: the embedded SmolLM2-135M)")
-    parser.add_argument("--expert", help="expert checkpoint (default: the one `python -m ngsd_jax.train` builds)")
+    add_pair_arguments(parser)
     parser.add_argument("--sets", nargs="*", default=list(SETS), choices=list(SETS))
     parser.add_argument("--limit", type=int, default=0, help="only N evenly spaced prompts of each set")
     parser.add_argument("--max-new-tokens", type=int, default=64)

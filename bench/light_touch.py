@@ -37,7 +37,7 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common import SETS, harmful_auc, heldout, load_default_pair, model_flags  # noqa: E402
+from common import SETS, add_pair_arguments, harmful_auc, heldout, load_default_pair, model_flags  # noqa: E402
 from ngsd_jax.evaluation.judges import refusal_keywords  # noqa: E402
 
 
@@ -52,8 +52,7 @@ def tv_stats(d) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", help="base checkpoint (default: the embedded SmolLM2-135M)")
-    parser.add_argument("--expert", help="expert checkpoint (default: the one `python -m ngsd_jax.train` builds)")
+    add_pair_arguments(parser)
     parser.add_argument("--alpha", type=float, nargs="*", default=[], help="fixed NGSD alphas (the trade-off)")
     parser.add_argument("--reflect", nargs="*", default=["expert"], choices=["json", "logit", "expert"],
                         help="NGSD with alpha from these self-reflection modes (default: expert)")
