@@ -18,7 +18,8 @@ full cache length the program reads: prompt bucket + new tokens) times the new t
 over the device bandwidth, divided by the measured time. The bandwidth comes from a table
 keyed by `jax.devices()[0].device_kind`; `--bandwidth GB/s` overrides it. Each pair also
 prints the fused ngsd program's `memory_analysis()` at batch 1 (arguments: the weights;
-temporaries: KV caches, activations and any weight copy XLA keeps).
+temporaries: KV caches, activations and any weight copy XLA keeps). Model shapes, byte counts
+(`ngsd_jax.parallel.memory`'s, on one device) and the round-robin timing are bench/common.py's.
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ngsd_jax.decoding.settings import DecodeSettings
-from ngsd_jax.decoding.engine import Engine
+from common import GB, MODELS, PAIRS, cache_bytes, model_bytes, time_round_robin
 from ngsd_jax.decoding.batching import bucket_length
+from ngsd_jax.decoding.engine import Engine
+from ngsd_jax.decoding.settings import DecodeSettings
 from ngsd_jax.models.decoder import Decoder
-from program_memory import GB, MODELS, PAIRS, kv_cache_bytes, memory_line, parameter_bytes, program_memory
+from program_memory import memory_line, program_memory
 
 # Peak HBM bandwidth in GB/s by device kind (first match of a substring, most specific first).
 BANDWIDTH_GBPS = (
@@ -116,16 +118,8 @@ def main():
             for mode in ("base", "ngsd"):
                 settings = DecodeSettings(mode=mode, max_new_tokens=n)
                 cases[(mode, batch)] = (lambda p=prompts, s=settings, e=engine: e.decode(p, settings=s))
-        compile_s, timings = {}, {key: [] for key in cases}
-        for key, run in cases.items():
-            started = time.perf_counter()
-            assert run().tokens.shape == (key[1], n)
-            compile_s[key] = time.perf_counter() - started
-        for _ in range(args.repeats):
-            for key, run in cases.items():
-                started = time.perf_counter()
-                run()
-                timings[key].append(time.perf_counter() - started)
+        compile_s, results, timings = time_round_robin(cases, args.repeats)
+        assert all(results[key].tokens.shape == (key[1], n) for key in cases)
         # After the timed calls, so that the first-call column is each case's own compile; the
         # batch-1 ngsd program is then already compiled, for prompts of the same bucket.
         stats, _ = program_memory(engine, 1, prompt_len, n, "ngsd")
@@ -133,7 +127,7 @@ def main():
         length = bucket_length(prompt_len) + n
         for (mode, batch), times in timings.items():
             models = [base.config] if mode == "base" else [base.config, expert.config]
-            step_bytes = sum(parameter_bytes(c, dtype) + kv_cache_bytes(c, batch, length, dtype) for c in models)
+            step_bytes = sum(model_bytes(c, dtype) + cache_bytes(c, batch, length, dtype) for c in models)
             seconds = statistics.median(times)
             roofline = None if bandwidth is None else n * step_bytes / (bandwidth * GB) / seconds
             rows.append((pair, mode, batch, compile_s[(mode, batch)], 1e3 * seconds / n, batch * n / seconds,

@@ -12,7 +12,8 @@ without 16 GB of weights; it times `Engine.lower` (tracing to StableHLO) and `.c
 `ngsd` (base and a separate expert) and, for a pair whose expert has the base's shapes,
 `ngsd-adapter` (the expert as a LoRA adapter on the top 10 layers, rank 16, all linear
 projections: the default recipe's shapes). Repeats run round-robin over the cases; the
-median is printed. Batch 1, a 128-token prompt, 128 new tokens, fp32 unless --dtype.
+median is printed. Batch 1, a 128-token prompt, 128 new tokens, fp32 unless --dtype. The model
+shapes and the adapter's are bench/common.py's.
 """
 
 from __future__ import annotations
@@ -25,13 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ngsd_jax.decoding.settings import DecodeSettings
+from common import ADAPTER_ALPHA, ADAPTER_RANK, ADAPTER_TOP_LAYERS, MODELS, PAIRS
 from ngsd_jax.decoding.engine import Engine
-from ngsd_jax.models.lora import ALL_LINEAR, ATTENTION_PROJECTIONS, LoRAAdapter
+from ngsd_jax.decoding.settings import DecodeSettings
 from ngsd_jax.models.decoder import abstract_decoder
-from program_memory import MODELS, PAIRS
-
-ADAPTER_RANK, ADAPTER_TOP_LAYERS = 16, 10  # train/recipes/smollm2-135m.json
+from ngsd_jax.models.lora import ALL_LINEAR, ATTENTION_PROJECTIONS, LoRAAdapter
 
 
 def zero_adapter(config) -> LoRAAdapter:
@@ -44,7 +43,7 @@ def zero_adapter(config) -> LoRAAdapter:
     layers = range(config.num_layers - ADAPTER_TOP_LAYERS, config.num_layers)
     weights = {(i, name): (np.zeros((din, ADAPTER_RANK), np.float32), np.zeros((ADAPTER_RANK, dout), np.float32))
                for i in layers for name, (din, dout) in shapes.items()}
-    return LoRAAdapter(ADAPTER_RANK, 64.0, weights, {}, "")
+    return LoRAAdapter(ADAPTER_RANK, ADAPTER_ALPHA, weights, {}, "")
 
 
 def compile_seconds(pair: str, case: str, scan_layers: bool, dtype, prompt_len: int,

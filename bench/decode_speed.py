@@ -11,6 +11,10 @@ expert is the same adapter merged. fp32, no stop tokens, so every run generates 
 --new-tokens. Prompts: a ~40-token chat prompt and a ~1,000-token one. Cases are
 interleaved round-robin and the median of --repeats is reported, because these machines
 are noisy; the load average is printed before and after.
+
+An engine-level benchmark: it builds its engines by hand over the loaded base (no trained
+expert, no stop tokens, the distribution over the tokenizer's tokens as decode's default);
+the synthetic adapter, the short prompt and the round-robin timing are bench/common.py's.
 """
 
 from __future__ import annotations
@@ -27,32 +31,15 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from ngsd_jax.decoding.settings import DecodeSettings
+from common import SHORT_PROMPT, synthetic_adapter, time_round_robin  # noqa: E402
+from ngsd_jax.checkpoints.weights import load_model  # noqa: E402
 from ngsd_jax.decoding.batching import bucket_length  # noqa: E402
 from ngsd_jax.decoding.engine import Engine  # noqa: E402
-from ngsd_jax.checkpoints.weights import load_model  # noqa: E402
-from ngsd_jax.models.lora import apply_lora, merge_lora  # noqa: E402
-from ngsd_jax.checkpoints.adapter import extract_adapter
+from ngsd_jax.decoding.settings import DecodeSettings  # noqa: E402
 
-# With SmolLM2's default system prompt this is a ~40-token chat prompt.
-SHORT_PROMPT = "Why is the sky blue?"
 LONG_SENTENCE = ("The history of the printing press shows how a single technical change can reshape the way "
                  "knowledge spreads, who controls it, and how quickly new ideas reach ordinary people. ")
 LONG_TOKENS = 1000
-ADAPTER_RANK, ADAPTER_ALPHA, ADAPTER_TOP_LAYERS = 16, 64.0, 10  # train/recipes/smollm2-135m.json
-
-
-def synthetic_adapter(model, seed: int = 0):
-    """The default recipe's adapter shapes with random, non-zero values."""
-    adapted = nnx.clone(model)
-    count = len(adapted.layers)
-    apply_lora(adapted, ADAPTER_RANK, ADAPTER_ALPHA, "all-linear", range(count - ADAPTER_TOP_LAYERS, count), seed)
-    key = jax.random.key(seed)
-    for _, variable in nnx.iter_graph(adapted):
-        if isinstance(variable, nnx.LoRAParam) and variable.shape[0] == ADAPTER_RANK:
-            key, sub = jax.random.split(key)
-            variable.set_value(1e-3 * jax.random.normal(sub, variable.shape))
-    return extract_adapter(adapted), merge_lora(adapted)
 
 
 def long_prompt(tokenizer, encode_chat) -> list[int]:
@@ -138,19 +125,8 @@ def main():
 
     load_before = os.getloadavg()
     bandwidth = measured_bandwidth()
-    first_call = {}
-    for key, run in cases.items():  # first calls: compilation (engine) or warm-up (torch)
-        start = time.perf_counter()
-        run()
-        first_call[key] = time.perf_counter() - start
-        print(f"# first call, {key[0]}, {key[1]}: {first_call[key]:.2f} s", flush=True)  # survives a timeout
-    timings = {key: [] for key in cases}
-    for _ in range(args.repeats):
-        for key, run in cases.items():
-            start = time.perf_counter()
-            run()
-            timings[key].append(time.perf_counter() - start)
-            print(f"# {key[0]}, {key[1]}: {timings[key][-1]:.3f} s", flush=True)
+    # First calls: compilation (engine) or warm-up (torch); every call's line survives a timeout.
+    first_call, _, timings = time_round_robin(cases, args.repeats, echo_first=True, echo_each=True)
     load_after = os.getloadavg()
 
     config = model.config

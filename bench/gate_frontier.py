@@ -19,6 +19,12 @@ grid of thresholds, alpha levels and risk thresholds. What it cannot give is wha
 after the first change, e.g. whether a harmful answer then turns into a refusal: measure that
 by decoding. Greedy only; the base's answers come from --base-cache when it has them (the
 format bench/light_touch.py writes), else they are decoded here and cached.
+
+The base is loaded and its answers decoded as `python -m ngsd_jax.decode --mode base` does
+(bench/common.py's `load_default_pair`, then `decode_batch`: decode's preset, prompts,
+distribution size and stop tokens); the merge's K, the soft reset and the alpha mapping are
+decode's (`ngsd_jax.decoding.risk.alpha_from_risk`), the ROC AUC is
+`ngsd_jax.evaluation.metrics.roc_auc`. The held-out sets are bench/common.py's.
 """
 
 from __future__ import annotations
@@ -27,37 +33,35 @@ import argparse
 import itertools
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/light_touch.py
 
-from light_touch import SETS, heldout, roc_auc  # noqa: E402
+from common import SETS, add_pair_arguments, harmful_auc, heldout, load_default_pair, model_flags  # noqa: E402
 
-MERGE_TOP_K = 64  # spec §3
+BASE_BATCH = 64  # prompts per decode of the base's answers
 
 
-def teacher_forced(base, expert, tok, opening_mask, prompts, answers, alphas, batch_size, steps_max):
+def teacher_forced(base, expert, encode, vocab, merge_top_k, opening_mask, prompts, answers, alphas, batch_size,
+                   steps_max):
     """Per prompt: D along the base's answer, [steps, len(alphas)] whether the merged scores change
     the token, the expert risk at the prompt end, and how many steps' base argmax disagreed with the
-    cached token (numerical near-ties between the cached and the teacher-forced pass)."""
+    cached token (numerical near-ties between the cached and the teacher-forced pass). `encode`
+    turns prompts into the base's prompt ids as decode encodes them; `vocab` is the size of the
+    next-token distributions and `merge_top_k` the merge's K (decode's)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from ngsd_jax.decoding.gate import total_variation, union_top_k_merge
     from ngsd_jax.decoding.risk import risk_from_refusal_opening
-    from ngsd_jax.checkpoints.tokenizer import encode_chat
-
-    vocab = len(tok)
 
     @jax.jit
     def step_quantities(p_b, p_e, next_tokens):
         d = total_variation(p_b, p_e)
-        changes = jnp.stack([jnp.argmax(union_top_k_merge(p_b, p_e, a, MERGE_TOP_K), -1) != next_tokens
+        changes = jnp.stack([jnp.argmax(union_top_k_merge(p_b, p_e, a, merge_top_k), -1) != next_tokens
                              for a in alphas], -1)
         return d, changes, jnp.argmax(p_b, -1) != next_tokens
 
@@ -77,7 +81,7 @@ def teacher_forced(base, expert, tok, opening_mask, prompts, answers, alphas, ba
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = list(range(start, min(start + batch_size, len(prompts))))
-        encoded = [encode_chat(tok, prompts[i]) for i in chunk]
+        encoded = encode([prompts[i] for i in chunk])
         steps = [len(answers[i]) for i in chunk]
         width = max(len(e) + n for e, n in zip(encoded, steps))
         width = -(-width // 64) * 64
@@ -107,7 +111,7 @@ def teacher_forced(base, expert, tok, opening_mask, prompts, answers, alphas, ba
     return out
 
 
-def first_change(d, changes, tau, threshold, soft_reset=0.6):
+def first_change(d, changes, tau, threshold, soft_reset):
     """(first step where the neuron fires and the token changes, or None; whether it fired at all)."""
     v, fired = 0.0, False
     for t in range(len(d)):
@@ -120,14 +124,9 @@ def first_change(d, changes, tau, threshold, soft_reset=0.6):
     return None, fired
 
 
-def alpha_for(risk, levels, thresholds):
-    return levels[2] if risk > thresholds[1] else levels[0] if risk < thresholds[0] else levels[1]
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", help="base checkpoint (default: the embedded SmolLM2-135M)")
-    parser.add_argument("--expert", help="expert checkpoint (default: the one `python -m ngsd_jax.train` builds)")
+    add_pair_arguments(parser)
     parser.add_argument("--sets", nargs="*", default=list(SETS), choices=list(SETS))
     parser.add_argument("--limit", type=int, default=0, help="only N evenly spaced prompts of each set")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -143,50 +142,54 @@ def main():
     parser.add_argument("--out", help="write the table (and per-prompt quantities) to this JSON file")
     args = parser.parse_args()
 
+    from flax import nnx
+
     from ngsd_jax.checkpoints.default_model import default_base_path, default_expert_path
-    from ngsd_jax.decoding.settings import DecodeSettings
-    from ngsd_jax.decoding.engine import Engine
     from ngsd_jax.checkpoints.weights import load_model
-    from ngsd_jax.decoding.risk import refusal_opening_mask
-    from ngsd_jax.checkpoints.tokenizer import encode_chat, load_tokenizer, stop_token_ids
+    from ngsd_jax.decoding.pair import decode_batch, decode_settings, encode_prompts
+    from ngsd_jax.decoding.risk import AlphaMapping, alpha_from_risk, refusal_opening_mask
 
     level_grid = [tuple(float(x) for x in s.split(",")) for s in args.alpha_levels.split(";")]
     mapping_grid = [tuple(float(x) for x in s.split(",")) for s in args.risk_thresholds.split(";")]
     alphas = sorted({a for levels in level_grid for a in levels if a > 0})
 
     sets = {name: prompts for name in args.sets if (prompts := heldout(name, args.limit))}
+    # The base as decode loads it (its answers are decode's --mode base answers); the expert read
+    # whole, as the teacher-forced pass runs it on its own.
+    flags = [*model_flags(args.base, args.expert), "--max-new-tokens", str(args.max_new_tokens),
+             "--batch-size", str(BASE_BATCH), "--tau", str(args.tau)]
+    pair, options = load_default_pair(flags, ("base",), [p for prompts in sets.values() for p in prompts],
+                                      mode="base")
     base_path = args.base or str(default_base_path())
     expert_path = args.expert or default_expert_path()
-    tok = load_tokenizer(base_path)
-    base, expert = load_model(base_path), load_model(expert_path)
-    opening_mask = refusal_opening_mask(tok, len(tok))
+    base = nnx.merge(pair.engine.base_graph, pair.engine.base_params)
+    expert = load_model(expert_path)
+    vocab = pair.engine.vocab_size
+    opening_mask = refusal_opening_mask(pair.base_tokenizer, vocab)
 
     cache_path = Path(args.base_cache) if args.base_cache else None
     cache = json.loads(cache_path.read_text()) if cache_path and cache_path.is_file() else {}
-    engine = None
     quantities = {}
     for name, prompts in sets.items():
         known = cache.get(name, {})
         missing = [p for p in prompts if p not in known]
         if missing:
-            engine = engine or Engine(base, None, vocab_size=len(tok), stop_ids=stop_token_ids(tok, base.config),
-                                      pad_id=tok.pad_token_id or 0)
             print(f"{name}: decoding the base's answers to {len(missing)} prompts", flush=True)
-            for i in range(0, len(missing), 64):
-                chunk = missing[i: i + 64]
-                result = engine.decode([encode_chat(tok, p) for p in chunk], None,
-                                       DecodeSettings(mode="base", max_new_tokens=args.max_new_tokens))
+            for i in range(0, len(missing), BASE_BATCH):
+                chunk = missing[i: i + BASE_BATCH]
+                result, _ = decode_batch(pair, options, decode_settings(options, "base"), chunk)
                 known.update({p: {"tokens": result.sequence(r)} for r, p in enumerate(chunk)})
             cache[name] = known
             if cache_path:
                 cache_path.write_text(json.dumps(cache))
         print(f"{name}: teacher-forced base and expert over {len(prompts)} answers", flush=True)
-        quantities[name] = teacher_forced(base, expert, tok, opening_mask, prompts,
+        quantities[name] = teacher_forced(base, expert, lambda chunk: encode_prompts(pair, options, chunk)[0],
+                                          vocab, options.merge_top_k, opening_mask, prompts,
                                           [known[p]["tokens"] for p in prompts], alphas, args.batch_size,
                                           args.max_new_tokens)
 
     report = {"base": base_path, "expert": str(expert_path), "sizes": {k: len(v) for k, v in sets.items()},
-              "tau": args.tau, "rows": [], "auc": {}, "tv": {}}
+              "tau": options.tau, "rows": [], "auc": {}, "tv": {}}
     for name, q in quantities.items():
         d = np.concatenate([x["d"] for x in q])
         report["tv"][name] = {"mean": float(d.mean()), "median": float(np.median(d)),
@@ -195,8 +198,8 @@ def main():
     if "harmful" in quantities:
         for other in quantities:
             if other != "harmful":
-                report["auc"][f"harmful vs {other}"] = roc_auc([x["risk"] for x in quantities["harmful"]],
-                                                               [x["risk"] for x in quantities[other]])
+                report["auc"][f"harmful vs {other}"] = harmful_auc([x["risk"] for x in quantities["harmful"]],
+                                                                   [x["risk"] for x in quantities[other]])
     print("TV along the base's answers:", json.dumps(report["tv"]))
     print("expert risk ROC AUC:", json.dumps(report["auc"]))
     print(f"{'theta':>5} {'risk thr':>8} {'levels':>13} {'set':<9} {'identical':>9} {'1st diff':>8} "
@@ -205,9 +208,9 @@ def main():
         for name, q in quantities.items():
             firsts, fired, high = [], [], []
             for x in q:
-                alpha = alpha_for(x["risk"], levels, thresholds)
+                alpha = alpha_from_risk(x["risk"], AlphaMapping(levels, thresholds))
                 changes = x["changes"][:, alphas.index(alpha)] if alpha > 0 else np.zeros(len(x["d"]), bool)
-                first, spiked = first_change(x["d"], changes, args.tau, theta)
+                first, spiked = first_change(x["d"], changes, options.tau, theta, options.soft_reset)
                 firsts.append(first)
                 fired.append(spiked)
                 high.append(alpha == levels[2])

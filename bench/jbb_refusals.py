@@ -5,10 +5,11 @@ through `python -m ngsd_jax.eval` with the settings of README's quality table.
 
 PROMPTS.csv has a `Goal` column and a `label` column (0 = harmful, 1 = benign), as
 JailbreakBench's behaviours file does; `heldout` first writes the held-out split of the
-project's own training data (train/data/*.jsonl: the sets of bench/light_touch.py, labelled
+project's own training data (`ngsd_jax.paths.DATA_DIR`: bench/common.py's sets, labelled
 harmful, benign and ordinary; eval counts every label but harmful as benign) to
 OUT/heldout.jsonl, `--per-set N` evenly spaced prompts of each set, and after eval prints
-each set's figures from OUT/samples.jsonl. Then it runs eval:
+each set's figures from OUT/samples.jsonl (`ngsd_jax.evaluation.metrics.label_metrics`).
+Then it runs eval through its public entry point, `ngsd_jax.eval.main`:
 greedy, 64 new tokens, batch 64, the base alone and NGSD at alpha 0.9, 0.5 and alpha from
 self-reflection (`--alpha-sweep 0.9,0.5,reflect`), the keyword judge; options given after
 the data set override these (e.g. `--limit 20`, `--reflect logit`, `--out DIR`).
@@ -21,17 +22,16 @@ import json
 import sys
 from pathlib import Path
 
-from ngsd_jax import eval as evaluate
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/light_touch.py
-from light_touch import SETS, heldout  # noqa: E402
+from common import SETS, heldout
+from ngsd_jax import eval as eval_cli
+from ngsd_jax.evaluation.metrics import label_metrics
 
 SETTINGS = ["--modes", "base,ngsd", "--alpha-sweep", "0.9,0.5,reflect", "--max-new-tokens", "64",
             "--batch-size", "64"]
 
 
 def write_heldout(path: Path, per_set: int = 0) -> dict[str, str]:
-    """The held-out prompts of train/data as JSONL with a `label` naming their set; returns
+    """The held-out prompts of the shipped training data as JSONL with a `label` naming their set; returns
     prompt -> set. `per_set` > 0 keeps that many evenly spaced prompts of each set."""
     path.parent.mkdir(parents=True, exist_ok=True)
     sets = {}
@@ -51,7 +51,7 @@ def print_per_set(samples: Path, sets: dict[str, str]) -> None:
     for condition in dict.fromkeys(r["condition"] for r in rows):
         for name in SETS:
             mine = [r for r in rows if r["condition"] == condition and sets.get(r["prompt"]) == name]
-            m = evaluate.label_metrics(mine, name == "harmful")
+            m = label_metrics(mine, name == "harmful")
             if not mine:
                 continue
             cells = [m["refusal_rate"], m["identical_to_base"], m["first_diff_mean"], m["spike_rate"]]
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
         out = args.out or Path("eval_out/jbb")
         dataset = Path(args.source)
         labels = ["--label-field", "label", "--harmful-label", "0"]
-    status = evaluate.main(["--dataset", str(dataset), "--out", str(out), *labels, *SETTINGS, *passed_on])
+    status = eval_cli.main(["--dataset", str(dataset), "--out", str(out), *labels, *SETTINGS, *passed_on])
     if args.source == "heldout" and status == 0:
         print_per_set(out / "samples.jsonl", sets)
     return status

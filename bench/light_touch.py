@@ -3,7 +3,8 @@
     python bench/light_touch.py [--expert PATH] [--alpha 0.1 0.5 0.9] [--reflect expert json]
                                 [--auc json logit expert] [--max-new-tokens 64] [--limit N] [--out FILE.json]
 
-Prompts: the held-out split of the project's own data (train/data/*.jsonl): `harmful`,
+Prompts: the held-out split of the project's own data (`ngsd_jax.paths.DATA_DIR`, train/data/
+in a checkout; bench/common.py's `heldout`): `harmful`,
 `benign` (near-misses and short questions) and `ordinary` (everyday instructions);
 `harmful` holds both the plain harmful requests and those in everyday task formats. JailbreakBench is not read here.
 
@@ -14,12 +15,19 @@ mean spikes. Conditions: the base alone, the expert alone, NGSD at each fixed al
 with alpha from each self-reflection mode (`expert` is the decode default of the default
 pair). Also: the per-token TV distance between base and expert along the base's own answer
 (mode `always` at alpha 0 leaves the base's choice and records D), and the ROC AUC of each
-risk source, harmful vs benign and harmful vs ordinary.
+risk source, harmful vs benign and harmful vs ordinary (`ngsd_jax.evaluation.metrics.roc_auc`).
+
+The pair is loaded and decoded as `python -m ngsd_jax.decode` does (bench/common.py's
+`load_default_pair`: decode's flags through `ngsd_jax.cli`, then `load_pair` and
+`decode_batch`): decode's preset, distribution size, stop tokens and reflection settings, with
+this script's --threshold, --alpha-levels, --risk-thresholds, --max-new-tokens and
+--batch-size given to it as decode's flags of those names.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -29,28 +37,8 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from common import SETS, add_pair_arguments, harmful_auc, heldout, load_default_pair, model_flags  # noqa: E402
 from ngsd_jax.evaluation.judges import refusal_keywords  # noqa: E402
-
-DATA = Path(__file__).resolve().parent.parent / "train" / "data"
-SETS = {"harmful": ("harmful.jsonl", "harmful_tasks.jsonl"), "benign": ("benign.jsonl",),
-        "ordinary": ("ordinary.jsonl",)}
-
-
-def heldout(name: str, limit: int = 0) -> list[str]:
-    """The held-out prompts of one set; `limit` > 0 keeps that many evenly spaced ones, so every
-    category and file of the set stays represented."""
-    rows = [json.loads(line) for file in SETS[name] if (DATA / file).is_file()
-            for line in (DATA / file).read_text(encoding="utf-8").splitlines() if line.strip()]
-    prompts = [r["prompt"] for r in rows if r["split"] == "heldout"]
-    if 0 < limit < len(prompts):
-        prompts = [prompts[int(i)] for i in np.linspace(0, len(prompts) - 1, limit)]
-    return prompts
-
-
-def roc_auc(positive, negative) -> float:
-    """P(a positive scores above a negative), ties counting half (the Mann-Whitney statistic)."""
-    pos, neg = np.asarray(positive, float)[:, None], np.asarray(negative, float)[None, :]
-    return float(((pos > neg) + 0.5 * (pos == neg)).mean())
 
 
 def tv_stats(d) -> dict:
@@ -64,8 +52,7 @@ def tv_stats(d) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", help="base checkpoint (default: the embedded SmolLM2-135M)")
-    parser.add_argument("--expert", help="expert checkpoint (default: the one `python -m ngsd_jax.train` builds)")
+    add_pair_arguments(parser)
     parser.add_argument("--alpha", type=float, nargs="*", default=[], help="fixed NGSD alphas (the trade-off)")
     parser.add_argument("--reflect", nargs="*", default=["expert"], choices=["json", "logit", "expert"],
                         help="NGSD with alpha from these self-reflection modes (default: expert)")
@@ -87,44 +74,37 @@ def main():
     args = parser.parse_args()
 
     from ngsd_jax.checkpoints.default_model import default_base_path, default_expert_path
-    from ngsd_jax.decoding.settings import DecodeSettings
-    from ngsd_jax.decoding.engine import Engine
-    from ngsd_jax.checkpoints.weights import load_model
-    from ngsd_jax.decoding.gate import GateConfig
-    from ngsd_jax.decoding.risk import AlphaMapping, ExpertRisk, refusal_opening_mask
-    from ngsd_jax.decoding.reflect import reflect
-    from ngsd_jax.checkpoints.tokenizer import encode_chat, load_tokenizer, stop_token_ids
+    from ngsd_jax.decoding.pair import alpha_mapping, decode_batch, decode_settings, reflect_prompts
+    from ngsd_jax.decoding.risk import alpha_from_risk
 
     sets = {name: prompts for name in args.sets if (prompts := heldout(name, args.limit))}
+    # decode's own options for these flags; each condition then sets its mode and alpha source.
+    flags = [*model_flags(args.base, args.expert), "--threshold", str(args.threshold),
+             "--alpha-levels", ",".join(map(str, args.alpha_levels)),
+             "--risk-thresholds", ",".join(map(str, args.risk_thresholds)),
+             "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size)]
+    modes = ["base", "ngsd"] + ["expert"] * args.expert_alone + ["always"] * args.tv
+    pair, options = load_default_pair(flags, modes, [p for prompts in sets.values() for p in prompts])
+    tok = pair.base_tokenizer
     base_path = args.base or str(default_base_path())
     expert_path = args.expert or default_expert_path()
-    tok = load_tokenizer(base_path)
-    base = load_model(base_path)
-    engine = Engine(base, load_model(expert_path), vocab_size=len(tok), stop_ids=stop_token_ids(tok, base.config),
-                    pad_id=tok.pad_token_id or 0)
-    mapping = AlphaMapping(tuple(args.alpha_levels), tuple(args.risk_thresholds))
-    expert_risk = ExpertRisk(refusal_opening_mask(tok, len(tok)), mapping)
+    mapping = alpha_mapping(options)
     report = {"base": base_path, "expert": str(expert_path), "max_new_tokens": args.max_new_tokens,
-              "threshold": args.threshold,
+              "threshold": options.threshold,
               "mapping": {"levels": mapping.levels, "thresholds": mapping.thresholds},
               "sizes": {k: len(v) for k, v in sets.items()}, "conditions": {}, "auc": {}, "tv": {}}
     print(f"sets: {report['sizes']}; base {base_path}; expert {expert_path}", flush=True)
 
+    def batches(prompts):
+        return [prompts[i: i + options.batch_size] for i in range(0, len(prompts), options.batch_size)]
+
     def run(prompts, mode, alpha=0.0, reflect_mode=None):
+        """decode's answers in `mode`, alpha fixed or from `reflect_mode` (`expert`: inside the program)."""
+        condition = dataclasses.replace(options, mode=mode, alpha=alpha, reflect=reflect_mode or "off")
+        settings = decode_settings(condition, mode)
         out = []
-        for i in range(0, len(prompts), args.batch_size):
-            chunk = prompts[i: i + args.batch_size]
-            encoded = [encode_chat(tok, p) for p in chunk]
-            settings = DecodeSettings(mode=mode, max_new_tokens=args.max_new_tokens,
-                                      gate=GateConfig(threshold=args.threshold))
-            risk = None
-            if reflect_mode == "expert":
-                result = engine.decode(encoded, None, settings, expert_risk=expert_risk)
-            else:
-                chunk_alpha = alpha
-                if reflect_mode is not None:
-                    chunk_alpha = [r.alpha for r in reflect(engine, tok, chunk, reflect_mode, mapping=mapping)]
-                result = engine.decode(encoded, None, settings, alpha=chunk_alpha)
+        for chunk in batches(prompts):
+            result, _ = decode_batch(pair, condition, settings, chunk)
             for row in range(len(chunk)):
                 n = int(result.lengths[row])
                 risk = None if result.risk is None else float(result.risk[row])
@@ -190,15 +170,11 @@ def main():
                                                   for k, v in stats.items()), flush=True)
 
     for source in args.auc:
-        risks = {}
-        for set_name, prompts in sets.items():
-            risks[set_name] = [r.risk for i in range(0, len(prompts), args.batch_size)
-                               for r in reflect(engine, tok, prompts[i: i + args.batch_size], source,
-                                                mapping=mapping)]
-        aucs = {f"harmful vs {other}": roc_auc(risks["harmful"], risks[other])
+        rating = dataclasses.replace(options, reflect=source)
+        risks = {set_name: [r.risk for chunk in batches(prompts) for r in reflect_prompts(pair, rating, "ngsd", chunk)]
+                 for set_name, prompts in sets.items()}
+        aucs = {f"harmful vs {other}": harmful_auc(risks["harmful"], risks[other])
                 for other in risks if other != "harmful" and "harmful" in risks}
-        from ngsd_jax.decoding.risk import alpha_from_risk
-
         alpha_share = {k: {str(level): float(np.mean([alpha_from_risk(r, mapping) == level for r in v]))
                            for level in mapping.levels} for k, v in risks.items()}
         report["auc"][source] = {**aucs, "alpha_share": alpha_share, "risk": risks}

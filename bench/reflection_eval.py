@@ -7,6 +7,10 @@ benign), as JailbreakBench's behaviours file does. For `json` and `logit` reflec
 prints the alpha distribution per label, how often the JSON failed to parse, and the
 wall time of reflecting the whole set next to a 128-token `base` decode of the same
 prompts (same batches, same engine, measured after compilation).
+
+The base is loaded, decoded and asked to rate as `python -m ngsd_jax.decode --mode base`
+and `--reflect json|logit` do (bench/common.py's `load_default_pair`, then `decode_batch`
+and `reflect_prompts`): decode's preset, stop tokens and reflection settings.
 """
 
 from __future__ import annotations
@@ -14,10 +18,13 @@ from __future__ import annotations
 import argparse
 import collections
 import csv
+import dataclasses
 import os
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from common import load_default_pair, model_flags  # noqa: E402
 
 
 def main():
@@ -29,21 +36,16 @@ def main():
     args = parser.parse_args()
 
     from ngsd_jax.checkpoints.default_model import default_base_path
-    from ngsd_jax.decoding.settings import DecodeSettings
-    from ngsd_jax.decoding.engine import Engine
-    from ngsd_jax.checkpoints.weights import load_model
-    from ngsd_jax.decoding.reflect import reflect
-    from ngsd_jax.checkpoints.tokenizer import encode_chat, load_tokenizer, stop_token_ids
+    from ngsd_jax.decoding.pair import decode_batch, decode_settings, reflect_prompts
 
     with open(args.csv_path, newline="", encoding="utf-8") as f:
         rows = [(r["Goal"], int(r["label"])) for r in csv.DictReader(f)]
     if args.limit:
         rows = [r for label in (0, 1) for r in [x for x in rows if x[1] == label][: args.limit]]
+    # The base as `python -m ngsd_jax.decode --mode base` loads it, with decode's reflection settings.
+    flags = [*model_flags(args.model), "--max-new-tokens", "128", "--batch-size", str(args.batch_size)]
+    pair, options = load_default_pair(flags, ("base",), [g for g, _ in rows], mode="base")
     path = args.model or str(default_base_path())
-    tokenizer = load_tokenizer(path)
-    model = load_model(path)
-    engine = Engine(model, None, vocab_size=len(tokenizer), stop_ids=stop_token_ids(tokenizer, model.config),
-                    pad_id=tokenizer.pad_token_id or 0)
     batches = [rows[i: i + args.batch_size] for i in range(0, len(rows), args.batch_size)]
 
     def timed(fn):
@@ -52,12 +54,13 @@ def main():
         out = [x for batch in batches for x in fn(batch)]
         return out, time.perf_counter() - start
 
-    decode_settings = DecodeSettings(mode="base", max_new_tokens=128)
-    _, decode_s = timed(lambda b: [engine.decode([encode_chat(tokenizer, g) for g, _ in b], None, decode_settings)])
+    settings = decode_settings(options, "base")
+    _, decode_s = timed(lambda b: [decode_batch(pair, options, settings, [g for g, _ in b])])
     print(f"model {path}; {len(rows)} prompts; batch {args.batch_size}")
     print(f"128-token base decode of the set: {decode_s:.1f} s\n")
     for mode in ("json", "logit"):
-        reflections, seconds = timed(lambda b, m=mode: reflect(engine, tokenizer, [g for g, _ in b], m))
+        rating = dataclasses.replace(options, reflect=mode)
+        reflections, seconds = timed(lambda b, o=rating: reflect_prompts(pair, o, "ngsd", [g for g, _ in b]))
         print(f"## {mode}: {seconds:.1f} s = {seconds / decode_s:.2f}x the 128-token decode")
         for label, name in ((0, "harmful"), (1, "benign")):
             chosen = [r for r, (_, lab) in zip(reflections, rows) if lab == label]

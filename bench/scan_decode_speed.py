@@ -7,7 +7,8 @@ ngsd with the same adapter merged into a separate expert; the adapter has the de
 recipe's shapes with random values), each on an unrolled and on a scanned copy of the
 model. fp32, a ~40-token chat prompt, no stop tokens; the first call of each case compiles,
 later calls run round-robin over all cases and the median is reported. Both layouts must
-generate the same tokens (checked).
+generate the same tokens (checked). The synthetic adapter, the prompt and the round-robin
+timing are bench/common.py's.
 """
 
 from __future__ import annotations
@@ -15,17 +16,16 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from decode_speed import SHORT_PROMPT, synthetic_adapter  # noqa: E402
-from ngsd_jax.decoding.settings import DecodeSettings
-from ngsd_jax.decoding.engine import Engine  # noqa: E402
+from common import SHORT_PROMPT, synthetic_adapter, time_round_robin  # noqa: E402
 from ngsd_jax.checkpoints.weights import load_model  # noqa: E402
+from ngsd_jax.decoding.engine import Engine  # noqa: E402
+from ngsd_jax.decoding.settings import DecodeSettings  # noqa: E402
 
 
 def main():
@@ -59,20 +59,9 @@ def main():
                 [prompt] * args.batch, None, DecodeSettings(mode=m, max_new_tokens=n), alpha=0.9))
 
     load_before = os.getloadavg()
-    first_call, tokens = {}, {}
-    for key, run in cases.items():
-        start = time.perf_counter()
-        tokens[key] = run().tokens
-        first_call[key] = time.perf_counter() - start
-        print(f"# first call, {key[0]}, {key[1]}: {first_call[key]:.2f} s", flush=True)
+    first_call, results, timings = time_round_robin(cases, args.repeats, echo_first=True)
     for name, _ in cases:
-        assert np.array_equal(tokens[(name, "unrolled")], tokens[(name, "scanned")]), name
-    timings = {key: [] for key in cases}
-    for _ in range(args.repeats):
-        for key, run in cases.items():
-            start = time.perf_counter()
-            run()
-            timings[key].append(time.perf_counter() - start)
+        assert np.array_equal(results[(name, "unrolled")].tokens, results[(name, "scanned")].tokens), name
     load_after = os.getloadavg()
 
     print(f"model: {path}, fp32, batch {args.batch}, prompt {len(prompt)} tokens, {n} new tokens, median of "
