@@ -44,10 +44,9 @@ from common import SETS, add_pair_arguments, harmful_auc, heldout, load_default_
 BASE_BATCH = 64  # prompts per decode of the base's answers
 
 
-def teacher_forced(base, expert, encode, vocab, merge_top_k, opening_mask, prompts, answers, alphas, batch_size,
-                   steps_max):
+def teacher_forced(base, expert, encode, vocab, merge_top_k, prompts, answers, alphas, batch_size, steps_max):
     """Per prompt: D along the base's answer, [steps, len(alphas)] whether the merged scores change
-    the token, the expert risk at the prompt end, and how many steps' base argmax disagreed with the
+    the token, and how many steps' base argmax disagreed with the
     cached token (numerical near-ties between the cached and the teacher-forced pass). `encode`
     turns prompts into the base's prompt ids as decode encodes them; `vocab` is the size of the
     next-token distributions and `merge_top_k` the merge's K (decode's)."""
@@ -56,7 +55,6 @@ def teacher_forced(base, expert, encode, vocab, merge_top_k, opening_mask, promp
     from flax import nnx
 
     from ngsd_jax.decoding.gate import total_variation, union_top_k_merge
-    from ngsd_jax.decoding.risk import risk_from_refusal_opening
 
     @jax.jit
     def step_quantities(p_b, p_e, next_tokens):
@@ -98,15 +96,13 @@ def teacher_forced(base, expert, encode, vocab, merge_top_k, opening_mask, promp
         positions = np.broadcast_to(np.arange(width, dtype=np.int32), tokens.shape)
         p_b = base_probabilities(tokens, positions, picks)
         p_e = expert_probabilities(tokens, positions, picks)
-        risk = np.asarray(risk_from_refusal_opening(p_e[:, 0], opening_mask))
         flat = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
         d, changes, mismatch = step_quantities(flat(p_b), flat(p_e), nexts.reshape(-1))
         d = np.asarray(d).reshape(len(chunk), most)
         changes = np.asarray(changes).reshape(len(chunk), most, len(alphas))
         mismatch = np.asarray(mismatch).reshape(len(chunk), most)
         for row, n in enumerate(steps):
-            out.append({"d": d[row, :n], "changes": changes[row, :n], "risk": float(risk[row]),
-                        "mismatch": int(mismatch[row, :n].sum())})
+            out.append({"d": d[row, :n], "changes": changes[row, :n], "mismatch": int(mismatch[row, :n].sum())})
         print(f"  {min(start + batch_size, len(prompts))}/{len(prompts)}", flush=True)
     return out
 
@@ -146,8 +142,11 @@ def main():
 
     from ngsd_jax.checkpoints.default_model import default_base_path, default_expert_path
     from ngsd_jax.checkpoints.weights import load_model
+    from ngsd_jax.decoding.engine import Engine
     from ngsd_jax.decoding.pair import decode_batch, decode_settings, encode_prompts
-    from ngsd_jax.decoding.risk import AlphaMapping, alpha_from_risk, refusal_opening_mask
+    from ngsd_jax.decoding.risk import (AlphaMapping, ExpertRisk, alpha_from_risk, opening_token_sequences,
+                                       opening_trie)
+    from ngsd_jax.decoding.settings import DecodeSettings
 
     level_grid = [tuple(float(x) for x in s.split(",")) for s in args.alpha_levels.split(";")]
     mapping_grid = [tuple(float(x) for x in s.split(",")) for s in args.risk_thresholds.split(";")]
@@ -165,7 +164,15 @@ def main():
     base = nnx.merge(pair.engine.base_graph, pair.engine.base_params)
     expert = load_model(expert_path)
     vocab = pair.engine.vocab_size
-    opening_mask = refusal_opening_mask(pair.base_tokenizer, vocab)
+    # The expert's risk as the decode program reads it (--reflect expert), from its own prefill.
+    risk_engine = Engine(None, expert, vocab, pair.engine.stop_ids, pad_id=pair.engine.pad_id)
+    expert_risk = ExpertRisk(opening_trie(opening_token_sequences(pair.base_tokenizer), vocab))
+
+    def risks(prompts):
+        encoded = encode_prompts(pair, options, prompts)[0]
+        return [float(r) for i in range(0, len(encoded), args.batch_size) for r in risk_engine.decode(
+            encoded[i: i + args.batch_size], None, DecodeSettings(mode="expert", max_new_tokens=1),
+            expert_risk=expert_risk).risk]
 
     cache_path = Path(args.base_cache) if args.base_cache else None
     cache = json.loads(cache_path.read_text()) if cache_path and cache_path.is_file() else {}
@@ -184,9 +191,11 @@ def main():
                 cache_path.write_text(json.dumps(cache))
         print(f"{name}: teacher-forced base and expert over {len(prompts)} answers", flush=True)
         quantities[name] = teacher_forced(base, expert, lambda chunk: encode_prompts(pair, options, chunk)[0],
-                                          vocab, options.merge_top_k, opening_mask, prompts,
+                                          vocab, options.merge_top_k, prompts,
                                           [known[p]["tokens"] for p in prompts], alphas, args.batch_size,
                                           args.max_new_tokens)
+        for q, r in zip(quantities[name], risks(prompts)):
+            q["risk"] = r
 
     report = {"base": base_path, "expert": str(expert_path), "sizes": {k: len(v) for k, v in sets.items()},
               "tau": options.tau, "rows": [], "auc": {}, "tv": {}}

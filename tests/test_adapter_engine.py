@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ngsd_jax.decoding import risk
 from ngsd_jax.decoding.settings import DecodeSettings
 from ngsd_jax.decoding.engine import Engine
 from ngsd_jax.decoding.program import paired_cache
@@ -85,6 +86,27 @@ def test_adapter_expert_with_its_own_prompts_equals_the_merged_expert(engines, m
     adapted = adapter_engine.decode(prompts, expert_prompts, settings, alpha=0.9)
     merged = merged_engine.decode(prompts, expert_prompts, settings, alpha=0.9)
     _assert_same_decode(adapted, merged, 3)
+
+
+@pytest.mark.parametrize("own_prompts", [False, True])
+def test_adapter_expert_risk_equals_the_merged_experts(engines, own_prompts):
+    """The in-program risk's teacher-forced pass over the paired rows (shared lower layers, or
+    every layer on both row sets) equals the separate merged expert's, with or without a forced
+    answer start after the prompt."""
+    adapter_engine, merged_engine = engines
+    prompts = _prompts(3, [6, 13, 9])
+    expert_prompts = _prompts(4, [11, 5, 8]) if own_prompts else None
+    expert_risk = risk.ExpertRisk(risk.opening_trie([(5,), (17, 40), (17, 99, 123), (200, 201, 250)], VOCAB))
+    settings = DecodeSettings(mode="ngsd", max_new_tokens=6)
+    adapted = adapter_engine.decode(prompts, expert_prompts, settings, expert_risk=expert_risk)
+    merged = merged_engine.decode(prompts, expert_prompts, settings, expert_risk=expert_risk)
+    np.testing.assert_allclose(adapted.risk, merged.risk, rtol=1e-4)
+    assert len(set(np.round(merged.risk, 4))) == 3  # the prompts are told apart
+    _assert_same_decode(adapted, merged, 3)
+    forced = [p + [7, 8] for p in (expert_prompts or prompts)]
+    attacked = adapter_engine.decode([p + [7, 8] for p in prompts], forced, settings, expert_risk=expert_risk,
+                                     risk_lengths=[len(p) - 2 for p in forced])
+    np.testing.assert_allclose(attacked.risk, merged.risk, rtol=1e-4)
 
 
 def test_adapter_expert_next_token_distribution_equals_the_merged_one(engines):

@@ -274,26 +274,41 @@ def test_padded_vocabulary_rows_are_never_chosen(tmp_path):
     assert (result.tokens < 200).all()
 
 
+OPENINGS = [(5,), (17, 40), (17, 99, 123), (17, 99, 7), (200, 201, 250, 9)]
+
+
+def _opening_risk(hf_model, prompt, openings=OPENINGS) -> float:
+    """10 x P(the answer opens with one of `openings`), each the product of its tokens'
+    probabilities, from transformers over prompt + the opening's earlier tokens (no cache)."""
+    total = 0.0
+    with torch.no_grad():
+        for seq in openings:
+            for d, token in enumerate(seq):
+                if d == 0:
+                    prob = 1.0
+                logits = hf_model(torch.tensor([prompt + list(seq[:d])])).logits[0, -1].numpy()
+                prob *= _softmax(logits)[token]
+            total += prob
+    return 10.0 * total
+
+
 def test_alpha_from_expert_prefill_equals_reference_computed_outside(pair):
-    """--reflect expert: alpha set inside the program from the expert's first-token distribution
-    must equal the paper-style mapping of 10 * P(opening token) computed outside with
-    transformers, and the decode must then equal the reference loop at that alpha."""
+    """--reflect expert: the risk read inside the program (the expert's probability of opening
+    with a whole refusal opening) must equal the same probability computed outside with
+    transformers, alpha its mapping, and the decode then the reference loop at that alpha."""
     hf_base, base, hf_expert, expert = pair
     engine = Engine(base, expert, vocab_size=VOCAB, stop_ids=[])
     prompts = _prompts(3, [7, 11, 5, 9])
-    opening = np.zeros((VOCAB,), np.float32)
-    opening[[5, 17, 40, 99, 123, 200, 201, 250]] = 1.0
-    with torch.no_grad():
-        risks = [10.0 * float(_softmax(hf_expert(torch.tensor([p])).logits[0, -1].numpy())[opening > 0].sum())
-                 for p in prompts]
+    trie = risk.opening_trie(OPENINGS, VOCAB)
+    risks = [_opening_risk(hf_expert, p) for p in prompts]
     # Thresholds between the risks, so that the batch spans all three alpha levels.
     ordered = sorted(risks)
     mapping = risk.AlphaMapping(levels=(0.0, 0.4, 0.95),
-                                      thresholds=((ordered[0] + ordered[1]) / 2, (ordered[2] + ordered[3]) / 2))
+                                thresholds=((ordered[0] + ordered[1]) / 2, (ordered[2] + ordered[3]) / 2))
     expected_alpha = [risk.alpha_from_risk(r, mapping) for r in risks]
     assert len(set(expected_alpha)) == 3
     settings = DecodeSettings(mode="ngsd", max_new_tokens=24)
-    result = engine.decode(prompts, None, settings, alpha=0.5, expert_risk=risk.ExpertRisk(opening, mapping))
+    result = engine.decode(prompts, None, settings, alpha=0.5, expert_risk=risk.ExpertRisk(trie, mapping))
     np.testing.assert_allclose(result.risk, risks, rtol=1e-4)
     np.testing.assert_allclose(result.alpha, expected_alpha)
     for i, prompt in enumerate(prompts):
@@ -303,3 +318,22 @@ def test_alpha_from_expert_prefill_equals_reference_computed_outside(pair):
     # The passed alpha is ignored, and without expert_risk the program uses it and reports no risk.
     fixed = engine.decode(prompts, None, settings, alpha=0.5)
     assert fixed.risk is None and fixed.alpha.tolist() == [0.5] * 4
+
+
+def test_a_forced_answer_start_does_not_set_the_risk(pair):
+    """A prefilling attacker's tokens come after the prompt: the risk read with `risk_lengths` at
+    the prompt's end equals the risk of the prompt alone, whatever was forced."""
+    _, base, hf_expert, expert = pair
+    engine = Engine(base, expert, vocab_size=VOCAB, stop_ids=[])
+    prompts = _prompts(5, [6, 9, 4])
+    forced = _prompts(6, [3, 8, 1])
+    expert_risk = risk.ExpertRisk(risk.opening_trie(OPENINGS, VOCAB))
+    settings = DecodeSettings(mode="ngsd", max_new_tokens=4)
+    alone = engine.decode(prompts, None, settings, expert_risk=expert_risk)
+    attacked = engine.decode([p + f for p, f in zip(prompts, forced)], None, settings, expert_risk=expert_risk,
+                             risk_lengths=[len(p) for p in prompts])
+    np.testing.assert_allclose(attacked.risk, alone.risk, rtol=1e-5)
+    np.testing.assert_allclose(alone.risk, [_opening_risk(hf_expert, p) for p in prompts], rtol=1e-4)
+    # Read at the end of the forced text instead, the risk is another one: the forced tokens would set it.
+    unguarded = engine.decode([p + f for p, f in zip(prompts, forced)], None, settings, expert_risk=expert_risk)
+    assert not np.allclose(unguarded.risk, alone.risk, rtol=1e-3)

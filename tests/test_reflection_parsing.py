@@ -300,10 +300,23 @@ def test_bad_alpha_mapping_is_refused(levels, thresholds):
         risk.AlphaMapping(levels, thresholds)
 
 
-def test_risk_from_refusal_opening_is_ten_times_the_opening_mass():
-    p = np.array([[0.5, 0.2, 0.3, 0.0], [0.0, 0.05, 0.05, 0.9]], np.float32)
-    mask = np.array([0, 1, 1, 0], np.float32)
-    assert np.asarray(risk.risk_from_refusal_opening(p, mask)).tolist() == pytest.approx([5.0, 1.0])
+def test_opening_trie_is_prefix_free_and_scores_each_opening_as_the_product_of_its_tokens():
+    # (1, 2) covers (1, 2, 3); (9,) holds a token past the vocabulary and is never generated.
+    trie = risk.opening_trie([(1, 2, 3), (1, 2), (1, 4, 5), (6,), (1, 4, 7), (9,)], vocab_size=8)
+    assert [tuple(s[:n]) for s, n in zip(trie.leaf_tokens.tolist(), trie.leaf_len)] == [(1, 2), (1, 4, 5), (1, 4, 7),
+                                                                                        (6,)]
+    assert [tuple(r) for r in trie.rows.tolist()] == [(1, 4)]  # one pass after 1, 4 reads (1, 2) too
+    rng = np.random.RandomState(0)
+    probs = rng.dirichlet(np.ones(8), size=(2, len(trie.rows), 3)).astype(np.float32)  # [B, R, D, V]
+
+    def p(b, prefix, token):  # the distribution after the prompt and `prefix`, as the pass computes it
+        row = next(i for i, r in enumerate(trie.rows.tolist()) if tuple(r[: len(prefix)]) == prefix)
+        return probs[b, row, len(prefix), token]
+
+    expected = [10 * (p(b, (), 1) * p(b, (1,), 2) + p(b, (), 1) * p(b, (1,), 4) * p(b, (1, 4), 5)
+                      + p(b, (), 1) * p(b, (1,), 4) * p(b, (1, 4), 7) + p(b, (), 6)) for b in range(2)]
+    got = np.asarray(risk.risk_from_opening_probabilities(probs, risk.OpeningTrie(*map(np.asarray, trie))))
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
 class _WordTokenizer:
@@ -316,9 +329,9 @@ class _WordTokenizer:
         return [self.vocab.setdefault(w, len(self.vocab)) for w in text.replace("'", " '").split()]
 
 
-def test_refusal_opening_ids_are_the_first_tokens_of_refusal_openings():
+def test_openings_are_whole_token_sequences_not_first_tokens():
     tok = _WordTokenizer()
-    ids = risk.refusal_opening_ids(tok)
-    assert sorted(ids) == sorted({tok.vocab["I"], tok.vocab["Sorry"]})
-    mask = risk.refusal_opening_mask(tok, len(tok.vocab) + 3)
-    assert mask.sum() == 2 and mask[tok.vocab["I"]] == 1 and mask[tok.vocab["Sorry"]] == 1
+    sequences = risk.opening_token_sequences(tok)
+    assert (tok.vocab["I"], tok.vocab["can"], tok.vocab["'t"]) in sequences and (tok.vocab["Sorry"],) in sequences
+    trie = risk.opening_trie(sequences, len(tok.vocab))
+    assert trie.leaf_tokens.shape[1] > 1 and (trie.leaf_len > 1).any()

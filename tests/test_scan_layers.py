@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ngsd_jax.decoding import risk
 from ngsd_jax.decoding.settings import DecodeSettings
 from ngsd_jax.decoding.engine import Engine
 from ngsd_jax.checkpoints.weights import load_model
@@ -100,6 +101,12 @@ def test_scanned_equals_unrolled_with_an_adapter_expert(base, adapted, targets):
     _assert_same_tokens(unrolled, scanned, prompts, _prompts(2, [20, 4, 9]))  # own prompts: 2B rows throughout
     np.testing.assert_allclose(scanned.next_token_distribution(prompts, model="expert"),
                                unrolled.next_token_distribution(prompts, model="expert"), atol=1e-5)
+    expert_risk = risk.ExpertRisk(risk.opening_trie([(5,), (17, 40), (17, 99, 123)], VOCAB))
+    for expert_prompts in (None, _prompts(2, [20, 4, 9])):  # the risk's pass over both cache layouts
+        settings = DecodeSettings(mode="ngsd", max_new_tokens=4)
+        np.testing.assert_allclose(scanned.decode(prompts, expert_prompts, settings, expert_risk=expert_risk).risk,
+                                   unrolled.decode(prompts, expert_prompts, settings, expert_risk=expert_risk).risk,
+                                   rtol=1e-4)
     # one weight stream: the paired decoder scans the base's stacked arrays themselves
     base_kernel = scanned.base_params["layers"]["layer"]["attn"]["k_proj"]["kernel"][...]
     assert scanned.paired_params["layers"]["layer"]["attn"]["k_proj"]["kernel"][...] is base_kernel

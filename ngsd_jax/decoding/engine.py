@@ -116,15 +116,19 @@ class Engine:
         stop_ids=None,
         early_stop_tables: es.EarlyStopTables | None = None,
         expert_risk: ExpertRisk | None = None,
+        risk_lengths=None,
     ) -> DecodeResult:
         """Decodes a batch. `expert_prompts` (same user messages in the expert's own chat format)
         default to the base prompts; `alpha` is a scalar or one value per prompt; `stop_ids`
         replaces the engine's stop tokens for this call; `early_stop_tables` (else the engine's)
         serve settings with early_stop=True. With `expert_risk`, `alpha` is ignored: each
         sequence's alpha is set inside the program from the expert's probability of opening
-        with a refusal (`--reflect expert`)."""
+        with a refusal (`--reflect expert`), read after the first `risk_lengths` tokens of each
+        expert prompt (default: all of them; a prompt that ends with forced answer text gives
+        the length before it, so that the forced text cannot set the risk)."""
         arguments, real, stops = self._program_arguments(base_prompts, expert_prompts, settings, alpha, temperature,
-                                                         top_p, seed, stop_ids, early_stop_tables, expert_risk)
+                                                         top_p, seed, stop_ids, early_stop_tables, expert_risk,
+                                                         risk_lengths)
         outputs = self._jitted(*arguments)
         self.output_sharding = outputs[0].sharding
         tokens, d, v, spike, alpha_in_force, row_alpha, risk, *cap = (sh.fetch(x)[:real] for x in outputs)
@@ -138,11 +142,12 @@ class Engine:
         """The program `decode` would run for these prompts, lowered without running it: its
         `.compile().memory_analysis()` gives the arguments and temporaries it needs, and the
         engine's parameters may be abstract (`jax.ShapeDtypeStruct`, e.g. from `abstract_decoder`)."""
-        arguments, _, _ = self._program_arguments(base_prompts, None, settings, 0.5, 0.0, 1.0, 0, None, None, None)
+        arguments, _, _ = self._program_arguments(base_prompts, None, settings, 0.5, 0.0, 1.0, 0, None, None, None,
+                                                  None)
         return self._jitted.lower(*arguments)
 
     def _program_arguments(self, base_prompts, expert_prompts, settings, alpha, temperature, top_p, seed, stop_ids,
-                           early_stop_tables, expert_risk):
+                           early_stop_tables, expert_risk, risk_lengths):
         """The jitted program's arguments for a batch, its real size and the stop tokens in force."""
         expert_prompts = base_prompts if expert_prompts is None else expert_prompts
         if len(expert_prompts) != len(base_prompts):
@@ -196,12 +201,18 @@ class Engine:
             "pad_id": np.int32(self.pad_id),
             "key": jax.random.key(seed),
         }
+        if expert_risk is not None:
+            inputs["risk_len"] = expert_len.copy()
+            if risk_lengths is not None:
+                inputs["risk_len"][:real] = risk_lengths
+                if not ((1 <= inputs["risk_len"]) & (inputs["risk_len"] <= expert_len)).all():
+                    raise ValueError("risk_lengths: each must lie in 1..the length of its expert prompt")
         if self.mesh is not None:
             inputs = self._place_batch(inputs)
         if settings.early_stop:
             inputs["early_stop"] = tables
         if expert_risk is not None:
-            inputs["refusal_opening"] = np.asarray(expert_risk.opening_mask, np.float32)[: self.vocab_size]
+            inputs["opening_trie"] = expert_risk.trie
             inputs["alpha_levels"] = np.asarray(expert_risk.mapping.levels, np.float32)
             inputs["risk_thresholds"] = np.asarray(expert_risk.mapping.thresholds, np.float32)
         if paired:
@@ -237,7 +248,7 @@ class Engine:
 
 
 _PER_SEQUENCE = ("base_prompt", "base_len", "expert_prompt", "expert_len", "alpha", "temperature", "top_p", "active",
-                 "array", "lengths")
+                 "array", "lengths", "risk_len")
 
 
 def _per_row(name: str, value, real: int, batch: int) -> np.ndarray:

@@ -18,7 +18,7 @@ from ngsd_jax.decoding.early_stop import early_stop_tables
 from ngsd_jax.decoding.engine import Engine
 from ngsd_jax.decoding.gate import GateConfig, gate_problem
 from ngsd_jax.decoding.reflect import reflect
-from ngsd_jax.decoding.risk import AlphaMapping, ExpertRisk, expert_reflection, refusal_opening_mask
+from ngsd_jax.decoding.risk import AlphaMapping, ExpertRisk, expert_reflection, opening_token_sequences, opening_trie
 from ngsd_jax.decoding.settings import DecodeSettings
 from ngsd_jax.errors import UsageError
 from ngsd_jax.parallel.memory import DeviceOptions, decode_plan, plan_mesh
@@ -228,7 +228,8 @@ def in_program_expert_risk(pair: LoadedPair, options: DecodeOptions, mode: str) 
     row's alpha from the expert's own prefill (no extra pass); else None."""
     if options.reflect != "expert" or mode not in ALPHA_MODES:
         return None
-    return ExpertRisk(refusal_opening_mask(pair.expert_tokenizer, pair.engine.vocab_size), alpha_mapping(options))
+    trie = opening_trie(opening_token_sequences(pair.expert_tokenizer), pair.engine.vocab_size)
+    return ExpertRisk(trie, alpha_mapping(options))
 
 
 def encode_prompts(pair: LoadedPair, options: DecodeOptions, prompts: list[str], prefill=""):
@@ -244,11 +245,17 @@ def encode_prompts(pair: LoadedPair, options: DecodeOptions, prompts: list[str],
 
 
 def decode_prompts(pair: LoadedPair, settings: DecodeSettings, options: DecodeOptions, base_prompts, expert_prompts,
-                   alpha, expert_risk: ExpertRisk | None = None):
-    """One engine call with the options' sampling settings; the expert mode decodes the expert's prompts."""
+                   alpha, expert_risk: ExpertRisk | None = None, forced_tokens=None):
+    """One engine call with the options' sampling settings; the expert mode decodes the expert's prompts.
+    `forced_tokens`: per prompt, how many of its last tokens are forced answer text (a prefilling
+    attack), which the expert's risk must not read."""
     first = base_prompts if settings.uses_base else expert_prompts
+    risk_lengths = None
+    if expert_risk is not None and forced_tokens is not None:
+        risk_lengths = [len(p) - f for p, f in zip(expert_prompts or first, forced_tokens)]
     return pair.engine.decode(first, expert_prompts, settings, alpha=alpha, temperature=options.temperature,
-                              top_p=options.top_p, seed=options.seed, expert_risk=expert_risk)
+                              top_p=options.top_p, seed=options.seed, expert_risk=expert_risk,
+                              risk_lengths=risk_lengths)
 
 
 def decode_batch(pair: LoadedPair, options: DecodeOptions, settings: DecodeSettings, prompts: list[str],
@@ -257,9 +264,11 @@ def decode_batch(pair: LoadedPair, options: DecodeOptions, settings: DecodeSetti
     expert's prefill inside the program (`--reflect expert`), else from a reflection call first."""
     base_prompts, expert_prompts = encode_prompts(pair, options, prompts, prefill)
     expert_risk = in_program_expert_risk(pair, options, settings.mode)
+    forced = len(pair.base_tokenizer.encode(prefill, add_special_tokens=False)) if prefill else 0
     if expert_risk is None:
         reflections = reflect_prompts(pair, options, settings.mode, prompts)
         result = decode_prompts(pair, settings, options, base_prompts, expert_prompts, [r.alpha for r in reflections])
         return result, reflections
-    result = decode_prompts(pair, settings, options, base_prompts, expert_prompts, 0.0, expert_risk)
+    result = decode_prompts(pair, settings, options, base_prompts, expert_prompts, 0.0, expert_risk,
+                            [forced] * len(prompts))
     return result, [expert_reflection(r, a) for r, a in zip(result.risk, result.alpha)]

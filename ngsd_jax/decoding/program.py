@@ -12,10 +12,10 @@ from flax import nnx
 
 from ngsd_jax.decoding import early_stop as es
 from ngsd_jax.decoding import gate
-from ngsd_jax.decoding.risk import alpha_from_risk_array, risk_from_refusal_opening
+from ngsd_jax.decoding.risk import alpha_from_risk_array, risk_from_opening_probabilities
 from ngsd_jax.decoding.settings import DecodeSettings
 from ngsd_jax.models.config import rope_inverse_frequencies
-from ngsd_jax.models.decoder import Decoder, init_cache, init_stacked_cache, tie_to_step
+from ngsd_jax.models.decoder import Decoder, StackedKV, init_cache, init_stacked_cache, tie_to_step
 from ngsd_jax.parallel import sharding as sh
 
 
@@ -142,6 +142,51 @@ def choose_scores(settings: DecodeSettings, state: DecodeState, alpha, temperatu
     return scores, d, state.v, jnp.broadcast_to(active, (batch,)), in_force
 
 
+def _rows_per_opening(cache, repeats: int, batch: int, keep: int):
+    """A prefill cache with each row repeated `repeats` times (row b's copies side by side; a
+    paired layer's base rows and expert rows, 2 x batch, each repeated within its half) and only
+    its first `keep` positions."""
+    def one(array, batch_axis):
+        array = jax.lax.slice_in_dim(array, 0, min(keep, array.shape[batch_axis + 2]), axis=batch_axis + 2)
+        if array.shape[batch_axis] == 2 * batch:
+            halves = jnp.split(array, 2, axis=batch_axis)
+            return jnp.concatenate([jnp.repeat(h, repeats, axis=batch_axis) for h in halves], axis=batch_axis)
+        return jnp.repeat(array, repeats, axis=batch_axis)
+
+    def layer(entry):
+        if isinstance(entry, StackedKV):
+            return StackedKV(one(entry.keys, 1), one(entry.values, 1))
+        return tuple(one(x, 0) for x in entry)
+
+    return tuple(layer(entry) for entry in cache)
+
+
+def opening_probabilities(model: Decoder, cache, is_paired: bool, first_adapted, shared: bool, last_token, risk_len,
+                          rows, width: int, vocab_size: int):
+    """[B, R, D, V]: the expert's next-token distributions after its prompt's first `risk_len`
+    tokens (the last of them `last_token`) and after each of the opening trie's `rows` ([R, D-1])
+    fed on, teacher-forced: one batched pass of B x R rows of D tokens over copies of the
+    prefill cache. The rows are written from position `risk_len - 1` on, so what the prefill
+    held past the prompt (a forced answer start) is overwritten or out of sight: the risk
+    depends on the prompt alone. `width` is the prompt's padded width."""
+    batch, (count, depth) = last_token.shape[0], (rows.shape[0], rows.shape[1] + 1)
+    tokens = jnp.concatenate([jnp.broadcast_to(last_token[:, None, None], (batch, count, 1)),
+                              jnp.broadcast_to(rows[None], (batch, count, depth - 1))], axis=2)
+    positions = (risk_len - 1)[:, None, None] + jnp.arange(depth)[None, None, :]
+    tokens = tokens.reshape(batch * count, depth)
+    positions = jnp.broadcast_to(positions, (batch, count, depth)).reshape(batch * count, depth)
+    cache = _rows_per_opening(cache, count, batch, width + depth)
+    if is_paired:
+        if not shared:
+            tokens, positions = jnp.concatenate([tokens, tokens]), jnp.concatenate([positions, positions])
+        hidden, _ = paired_forward(model, first_adapted, shared, tokens, positions, cache)
+        hidden = hidden[hidden.shape[0] // 2:]  # the expert rows
+    else:
+        hidden, _ = model(tokens, positions, cache)
+    logits = model.logits(hidden).reshape(batch * count * depth, -1)
+    return probabilities(logits, vocab_size).reshape(batch, count, depth, vocab_size)
+
+
 def decode_program(base_graph, expert_graph, paired_graph, first_adapted, settings: DecodeSettings, vocab_size: int,
             params, inputs, mesh=None):
     paired = nnx.merge(paired_graph, params["paired"]) if paired_graph is not None else None
@@ -170,9 +215,14 @@ def decode_program(base_graph, expert_graph, paired_graph, first_adapted, settin
         expert_logits, expert_cache = prefill_or_placeholder(expert, inputs["expert_prompt"], inputs["expert_len"])
     risk = jnp.full((batch,), jnp.nan, jnp.float32)
     if settings.alpha_from_expert:
-        # Self-reflection from the prefill the decode runs anyway: no extra pass, no host sync.
-        risk = risk_from_refusal_opening(probabilities(expert_logits, vocab_size),
-                                                    inputs["refusal_opening"])
+        # Self-reflection from the expert's prefill cache, inside the program: no host sync.
+        trie = inputs["opening_trie"]
+        prompt = inputs["expert_prompt"] if paired is None or not shared else inputs["base_prompt"]
+        last = jnp.take_along_axis(prompt, (inputs["risk_len"] - 1)[:, None], axis=1)[:, 0]
+        model, cache = (paired, base_cache) if paired is not None else (expert, expert_cache)
+        opening = opening_probabilities(model, cache, paired is not None, first_adapted, shared, last,
+                                        inputs["risk_len"], trie.rows, prompt.shape[1], vocab_size)
+        risk = risk_from_opening_probabilities(opening, trie)
         alpha = alpha_from_risk_array(risk, inputs["alpha_levels"], inputs["risk_thresholds"])
     f32 = jnp.zeros((batch, n), jnp.float32)
     state = DecodeState(

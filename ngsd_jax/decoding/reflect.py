@@ -1,10 +1,7 @@
 """Self-reflection run through the decode engine: the base model rates a batch of requests
-(json or logit, NGSD_SPEC.md section 4), or the expert's refusal-opening probability is read
-from a separate prefill (`reflect(..., mode="expert")`, for analyses)."""
+(json or logit, NGSD_SPEC.md section 4)."""
 
 from __future__ import annotations
-
-import numpy as np
 
 from ngsd_jax.checkpoints.tokenizer import encode_chat, stop_token_ids
 from ngsd_jax.decoding.risk import (
@@ -14,12 +11,9 @@ from ngsd_jax.decoding.risk import (
     AlphaMapping,
     Reflection,
     alpha_from_risk,
-    expert_reflection,
     harmfulness_question_messages,
     rate,
     reflection_messages,
-    refusal_opening_mask,
-    risk_from_refusal_opening,
     risk_from_yes_no,
 )
 from ngsd_jax.decoding.settings import DecodeSettings
@@ -55,12 +49,13 @@ def reflect(engine, tokenizer, requests: list[str], mode: str = "json", fixed_al
     token and, for the lenient parser, at the first token that prints a '}'; the reference
     parser reads the whole answer, as the reference does), started with RATING_PREFIX when
     `prefix`, then `rate` with `parser`; logit: one prefill, P(yes) vs P(no) for the next
-    token; off: every prompt gets `fixed_alpha`; expert: the expert's own prefill on the plain
-    prompt (chat template, no system prompt), P(refusal opening) (`decode` computes the same
-    inside the decode program from the prefill it runs anyway, Engine.decode's `expert_risk`,
-    so this separate pass serves analyses only). `thinking` is the chat template's
-    `enable_thinking` (off, as the reference rates with Qwen3); `mapping` turns risk into alpha.
+    token; off: every prompt gets `fixed_alpha`. The expert mode has no separate pass: the
+    decode program reads it from the expert's prefill (Engine.decode's `expert_risk`).
+    `thinking` is the chat template's `enable_thinking` (off, as the reference rates with
+    Qwen3); `mapping` turns risk into alpha.
     """
+    if mode == "expert":
+        raise ValueError("the expert's risk is read inside the decode program: give Engine.decode an expert_risk")
     if mode not in REFLECT_MODES:
         raise ValueError(f"unknown reflection mode '{mode}'; choose one of {', '.join(REFLECT_MODES)}")
     if parser not in REFLECT_PARSERS:
@@ -82,13 +77,6 @@ def reflect(engine, tokenizer, requests: list[str], mode: str = "json", fixed_al
             risk = risk_from_yes_no(p_yes, p_no)
             out.append(Reflection(mode, alpha_from_risk(risk, mapping), risk, f"P(yes)={p_yes:.4f} P(no)={p_no:.4f}"))
         return out
-    if mode == "expert":
-        distribution = engine.next_token_distribution(
-            [encode_chat(tokenizer, r, chat_template=chat_template, thinking=thinking) for r in requests], model="expert")
-        risks = np.asarray(risk_from_refusal_opening(distribution, refusal_opening_mask(tokenizer,
-                                                                                        distribution.shape[-1])))
-        return [expert_reflection(float(r), alpha_from_risk(float(r), mapping)) for r in risks]
-
     start = RATING_PREFIX if prefix else ""
     stops = list(stop_token_ids(tokenizer, engine.base_config, chat_template))
     if parser == "lenient":

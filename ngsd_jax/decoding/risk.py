@@ -35,6 +35,7 @@ import dataclasses
 import json
 import math
 import re
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -281,12 +282,17 @@ def alpha_from_risk_array(risk, levels, thresholds):
     return jnp.where(risk > thresholds[1], levels[2], jnp.where(risk < thresholds[0], levels[0], levels[1]))
 
 
-def risk_from_refusal_opening(p_first, opening_mask):
-    """Expert-mode risk, jit-able: 10 times the expert's probability that its answer opens with a
-    refusal, i.e. that its first token is one that refusals open with. p_first: [B, V] next-token
-    probabilities after the prompt; opening_mask: [V], 1 on those tokens."""
-    mass = jnp.sum(jnp.asarray(p_first, jnp.float32) * jnp.asarray(opening_mask, jnp.float32), axis=-1)
-    return 10.0 * jnp.clip(mass, 0.0, 1.0)
+def risk_from_opening_probabilities(probabilities, trie: "OpeningTrie"):
+    """Expert-mode risk, jit-able: 10 times the expert's probability that its answer opens with one
+    of the trie's refusal openings. `probabilities`: [B, R, D, V], the next-token distribution
+    after the prompt's last token and after each of the trie's rows of teacher-forced tokens
+    (`OpeningTrie.rows`); each opening's probability is the product of its tokens' probabilities,
+    and the openings are prefix-free, so their sum is a probability."""
+    picked = probabilities[:, trie.leaf_row[:, None], jnp.arange(trie.leaf_tokens.shape[1])[None, :],
+                           trie.leaf_tokens]  # [B, P, D]
+    within = jnp.arange(trie.leaf_tokens.shape[1])[None, :] < trie.leaf_len[:, None]  # [P, D]
+    per_opening = jnp.prod(jnp.where(within[None], picked, 1.0), axis=-1)  # [B, P]
+    return 10.0 * jnp.clip(jnp.sum(per_opening, axis=-1), 0.0, 1.0)
 
 
 def risk_from_yes_no(p_yes: float, p_no: float) -> float:
@@ -332,23 +338,57 @@ class Reflection:
     parsed: bool | None = None
 
 
-def refusal_opening_ids(tokenizer) -> list[int]:
-    """The tokens a refusal opens with: the first token of each of refusals.EXPERT_OPENINGS."""
-    return sorted({tokenizer.encode(text, add_special_tokens=False)[0] for text in EXPERT_OPENINGS})
+class OpeningTrie(NamedTuple):
+    """The refusal openings as token sequences, arranged for one teacher-forced pass.
+
+    `leaf_tokens[p, :leaf_len[p]]` is opening p's tokens. `rows[r]` is a sequence fed after the
+    prompt's last token (padded with 0): opening p's tokens but its last are `rows[leaf_row[p]]`'s
+    first `leaf_len[p] - 1`, so the pass's distribution at depth d gives its token d."""
+
+    rows: np.ndarray  # [R, D - 1] int32
+    leaf_row: np.ndarray  # [P] int32
+    leaf_tokens: np.ndarray  # [P, D] int32
+    leaf_len: np.ndarray  # [P] int32
 
 
-def refusal_opening_mask(tokenizer, vocab_size: int):
-    """[vocab_size] float32, 1 on `refusal_opening_ids`: the expert mode's input to the decode program."""
-    mask = np.zeros((vocab_size,), np.float32)
-    mask[[i for i in refusal_opening_ids(tokenizer) if i < vocab_size]] = 1.0
-    return mask
+def opening_token_sequences(tokenizer, openings=EXPERT_OPENINGS) -> list[tuple[int, ...]]:
+    """The openings as the tokens an answer starts with."""
+    return [tuple(tokenizer.encode(text, add_special_tokens=False)) for text in openings]
+
+
+def opening_trie(sequences, vocab_size: int) -> OpeningTrie:
+    """The trie the decode program scores (`risk_from_opening_probabilities`) for these token
+    sequences, made prefix-free (a sequence that another one begins with covers it: its
+    probability includes the longer one's); sequences holding a token past `vocab_size` (never
+    generated) are left out."""
+    kept: list[tuple[int, ...]] = []
+    for seq in sorted({tuple(s) for s in sequences if s and max(s) < vocab_size}, key=len):
+        if not any(seq[: len(k)] == k for k in kept):
+            kept.append(seq)
+    if not kept:
+        raise ValueError("no refusal opening is made of the tokenizer's tokens")
+    kept.sort()
+    depth = max(map(len, kept))
+    rows = {s[:-1] for s in kept}
+    # A row that is the start of a longer row adds nothing: the longer one's pass scores it too.
+    rows = sorted(r for r in rows if not any(len(o) > len(r) and o[: len(r)] == r for o in rows))
+    row_of = [next(i for i, r in enumerate(rows) if r[: len(s) - 1] == s[:-1]) for s in kept]
+
+    def pad(s, n):
+        return list(s) + [0] * (n - len(s))
+
+    return OpeningTrie(rows=np.asarray([pad(r, depth - 1) for r in rows], np.int32).reshape(len(rows), depth - 1),
+                       leaf_row=np.asarray(row_of, np.int32),
+                       leaf_tokens=np.asarray([pad(s, depth) for s in kept], np.int32),
+                       leaf_len=np.asarray([len(s) for s in kept], np.int32))
 
 
 @dataclasses.dataclass(frozen=True)
 class ExpertRisk:
-    """What the decode program needs to set alpha from the expert's own first-token distribution."""
+    """What the decode program needs to set alpha from the expert's probability of opening its
+    answer with a refusal (`--reflect expert`)."""
 
-    opening_mask: object  # [V] float32, from refusal_opening_mask
+    trie: OpeningTrie
     mapping: AlphaMapping = PAPER_ALPHA_MAPPING
 
 

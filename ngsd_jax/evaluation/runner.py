@@ -20,6 +20,7 @@ from ngsd_jax.decoding.pair import (
     decode_prompts,
     decode_settings,
     encode_prompts,
+    in_program_expert_risk,
     load_pair,
     reflect_prompts,
 )
@@ -186,15 +187,21 @@ def evaluate(opts: EvalOptions) -> int:
         for batch in batches:
             if all(key(i) in done for i in batch):
                 continue  # a batch is decoded whole, so its rows decode exactly as in an uninterrupted run
-            alphas, risks, reflect_seconds, reflect_mode = _alphas(pair, options, condition, batch, reflections)
+            # --reflect expert: alpha from the expert's own prefill inside the decode program, as decode sets it.
+            expert_risk = in_program_expert_risk(pair, options, condition.mode) if condition.alpha is None else None
+            alphas, risks, reflect_seconds, reflect_mode = _alphas(pair, options, condition, batch, reflections,
+                                                                   in_program=expert_risk is not None)
             base_prompts, expert_prompts = encode_prompts(pair, options, [i.prompt for i in batch])
             forced = [prefill_ids.get(i.index, []) for i in batch]
             base_prompts = [p + f for p, f in zip(base_prompts, forced)]
             expert_prompts = None if expert_prompts is None else [p + f for p, f in zip(expert_prompts, forced)]
             compilations = pair.engine.compilations
             start = time.perf_counter()
-            result = decode_prompts(pair, settings, options, base_prompts, expert_prompts, alphas)
+            result = decode_prompts(pair, settings, options, base_prompts, expert_prompts, alphas, expert_risk,
+                                    [len(f) for f in forced])
             seconds = time.perf_counter() - start
+            if expert_risk is not None:
+                alphas, risks = [float(a) for a in result.alpha], [float(r) for r in result.risk]
             compiled = pair.engine.compilations > compilations
             new_rows = []
             for r, item in enumerate(batch):
@@ -247,12 +254,15 @@ def evaluate(opts: EvalOptions) -> int:
     return 0
 
 
-def _alphas(pair, options, condition, batch, reflections):
+def _alphas(pair, options, condition, batch, reflections, in_program: bool):
     """(alpha per prompt, risk per prompt or None, reflection seconds per prompt, reflection mode).
 
     Self-reflection depends only on the prompt, so each prompt is rated once and its rating
-    shared by every condition that uses it (kept in samples.jsonl for --resume)."""
+    shared by every condition that uses it (kept in samples.jsonl for --resume). `in_program`:
+    the decode program sets alpha itself (--reflect expert), at no reflection cost."""
     n = len(batch)
+    if in_program:
+        return [0.0] * n, [None] * n, [0.0] * n, options.reflect
     if condition.mode not in ALPHA_MODES:
         return [0.0] * n, [None] * n, [0.0] * n, "off"
     if condition.alpha is not None:
