@@ -32,14 +32,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-
 from common import GB, MODELS, PAIRS, cache_bytes, model_bytes, time_round_robin
+from flax import nnx
+from program_memory import memory_line, program_memory
+
 from ngsd_jax.decoding.batching import bucket_length
 from ngsd_jax.decoding.engine import Engine
 from ngsd_jax.decoding.settings import DecodeSettings
 from ngsd_jax.models.decoder import Decoder
-from program_memory import memory_line, program_memory
 
 # Peak HBM bandwidth in GB/s by device kind (first match of a substring, most specific first).
 BANDWIDTH_GBPS = (

@@ -25,8 +25,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from common import ADAPTER_ALPHA, ADAPTER_RANK, ADAPTER_TOP_LAYERS, MODELS, PAIRS
+
 from ngsd_jax.decoding.engine import Engine
 from ngsd_jax.decoding.settings import DecodeSettings
 from ngsd_jax.models.decoder import abstract_decoder

@@ -29,9 +29,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from common import SHORT_PROMPT, synthetic_adapter, time_round_robin  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from common import SHORT_PROMPT, synthetic_adapter, time_round_robin  # noqa: E402
 from ngsd_jax.checkpoints.weights import load_model  # noqa: E402
 from ngsd_jax.decoding.batching import bucket_length  # noqa: E402
 from ngsd_jax.decoding.engine import Engine  # noqa: E402
@@ -181,8 +181,9 @@ def main():
 
 def _load_transformers(path, auto_class):
     """transformers' own model on the same weights: from the GGUF for the embedded default."""
-    import torch
     from pathlib import Path
+
+    import torch
 
     from ngsd_jax.checkpoints.weights import export_hf
 

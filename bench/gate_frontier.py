@@ -144,8 +144,7 @@ def main():
     from ngsd_jax.checkpoints.weights import load_model
     from ngsd_jax.decoding.engine import Engine
     from ngsd_jax.decoding.pair import decode_batch, decode_settings, encode_prompts
-    from ngsd_jax.decoding.risk import (AlphaMapping, ExpertRisk, alpha_from_risk, opening_token_sequences,
-                                       opening_trie)
+    from ngsd_jax.decoding.risk import AlphaMapping, ExpertRisk, alpha_from_risk, opening_token_sequences, opening_trie
     from ngsd_jax.decoding.settings import DecodeSettings
 
     level_grid = [tuple(float(x) for x in s.split(",")) for s in args.alpha_levels.split(";")]

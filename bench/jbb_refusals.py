@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from common import SETS, heldout
+
 from ngsd_jax import eval as eval_cli
 from ngsd_jax.evaluation.metrics import label_metrics
 

@@ -21,13 +21,14 @@ import time
 
 import jax
 import jax.numpy as jnp
-
 from common import GB, MODELS, PAIRS, cache_bytes, model_bytes
+
 from ngsd_jax.decoding.batching import bucket_length
 from ngsd_jax.decoding.engine import Engine
 from ngsd_jax.decoding.settings import DecodeSettings
 from ngsd_jax.models.config import ModelConfig
 from ngsd_jax.models.decoder import abstract_decoder
+
 
 def abstract_engine(base: ModelConfig, expert: ModelConfig, dtype) -> Engine:
     """An engine over weightless models: enough to lower and compile its programs."""

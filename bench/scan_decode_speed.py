@@ -20,9 +20,9 @@ import statistics
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
+from common import SHORT_PROMPT, synthetic_adapter, time_round_robin  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from common import SHORT_PROMPT, synthetic_adapter, time_round_robin  # noqa: E402
 from ngsd_jax.checkpoints.weights import load_model  # noqa: E402
 from ngsd_jax.decoding.engine import Engine  # noqa: E402
 from ngsd_jax.decoding.settings import DecodeSettings  # noqa: E402

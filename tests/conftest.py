@@ -281,6 +281,17 @@ def data_file(tmp_path_factory) -> Path:
     return path
 
 
+# Settings every tiny run shares: the byte-level examples fit 128 positions; one width, one compilation.
+# Pinned rather than taken from the default recipe, whose tuning for SmolLM2 may change.
+TINY_SETTINGS = ["--set", "bucket_widths=[128]", "--set", 'lora_targets=["q_proj","v_proj"]', "--batch-size", "2",
+                 "--no-hf-export"]
+
+
+def train_args(checkpoint: Path, data: Path, tmp: Path, *extra: str) -> list[str]:
+    return ["--base", str(checkpoint), "--data", str(data), "--run-dir", str(tmp / "run"),
+            "--output", str(tmp / "expert"), *TINY_SETTINGS, *extra]
+
+
 def final_params(path: Path) -> list[np.ndarray]:
     from ngsd_jax.checkpoints.weights import load_model
 

@@ -18,8 +18,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import PROMPTS, final_params
-from test_train import train_args
+from conftest import PROMPTS, final_params, train_args
 
 from ngsd_jax import decode, train
 

@@ -18,13 +18,13 @@ import numpy as np
 import optax
 from flax import nnx
 
+from ngsd_jax.checkpoints.weights import load_model, save_params
+from ngsd_jax.models.config import config_from_hf
+from ngsd_jax.models.decoder import Decoder
+from ngsd_jax.models.lora import apply_lora
+from ngsd_jax.parallel.sharding import make_mesh, parse_mesh, shard_model
 from ngsd_jax.training import state as train_state
 from ngsd_jax.training import step as train_step
-from ngsd_jax.models.config import config_from_hf
-from ngsd_jax.checkpoints.weights import load_model, save_params
-from ngsd_jax.models.lora import apply_lora
-from ngsd_jax.models.decoder import Decoder
-from ngsd_jax.parallel.sharding import make_mesh, parse_mesh, shard_model
 from ngsd_jax.training.sharding import place_batch, place_optimizer_state, state_shardings
 
 CONFIG = config_from_hf({"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,

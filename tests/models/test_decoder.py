@@ -8,17 +8,15 @@ own length, so positions differ across the batch at every step.
 
 from __future__ import annotations
 
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import hf_logits
 from flax import nnx
 
 from ngsd_jax.checkpoints.default_model import default_base_gguf
 from ngsd_jax.checkpoints.weights import load_model
 from ngsd_jax.models.decoder import init_cache
-
-from conftest import hf_logits
 
 TOL = 1e-4
 

@@ -15,18 +15,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import hf_logits
 from flax import nnx
 from gguf import GGMLQuantizationType as QT
 from safetensors.numpy import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from ngsd_jax.models.config import ConfigError
-from ngsd_jax.decoding.settings import DecodeSettings
-from ngsd_jax.decoding.engine import Engine
 from ngsd_jax.checkpoints.weights import CheckpointError, check_parameters, export_hf, load_model, save_params
+from ngsd_jax.decoding.engine import Engine
+from ngsd_jax.decoding.settings import DecodeSettings
+from ngsd_jax.models.config import ConfigError
 from ngsd_jax.models.lora import apply_lora
-
-from conftest import hf_logits
 
 TOKENS = [1, 17, 200, 45, 3, 99, 128, 7, 250, 31, 64, 12]
 
@@ -161,7 +160,8 @@ def test_half_precision_checkpoint_loads(stored, make_tiny_hf, tmp_path):
 
 
 def test_unreadable_tensor_dtype(make_tiny_hf, tmp_path):
-    from safetensors.torch import load_file as load_torch, save_file as save_torch
+    from safetensors.torch import load_file as load_torch
+    from safetensors.torch import save_file as save_torch
 
     directory = _copy(make_tiny_hf("llama"), tmp_path)
     weights = directory / "model.safetensors"

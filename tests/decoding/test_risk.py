@@ -9,7 +9,18 @@ import numpy as np
 import pytest
 
 from ngsd_jax.decoding import risk
-from ngsd_jax.decoding.risk import DIMENSIONS, FALLBACK_SCORE, RiskRating, alpha_from_risk, harmfulness_question_messages, parse_scores, rate, reflection_messages, risk_from_scores, risk_from_yes_no
+from ngsd_jax.decoding.risk import (
+    DIMENSIONS,
+    FALLBACK_SCORE,
+    RiskRating,
+    alpha_from_risk,
+    harmfulness_question_messages,
+    parse_scores,
+    rate,
+    reflection_messages,
+    risk_from_scores,
+    risk_from_yes_no,
+)
 
 
 def scores(s, a, e, t):

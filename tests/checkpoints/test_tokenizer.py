@@ -6,7 +6,6 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from ngsd_jax.models.config import ModelConfig
 from ngsd_jax.checkpoints.tokenizer import (
     TokenizerError,
     compare_vocabularies,
@@ -14,6 +13,7 @@ from ngsd_jax.checkpoints.tokenizer import (
     load_tokenizer,
     stop_token_ids,
 )
+from ngsd_jax.models.config import ModelConfig
 
 SENTENCES = ["What is the capital of France?", "Paris is the capital of France.", "Be brief and kind.",
              "I cannot help with that request.", "Sure, here is how to do it step by step."]

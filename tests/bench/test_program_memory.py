@@ -11,9 +11,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 import pytest
 
-from ngsd_jax.models.config import ModelConfig
-from ngsd_jax.decoding.settings import DecodeSettings
 from ngsd_jax.decoding.engine import Engine
+from ngsd_jax.decoding.settings import DecodeSettings
+from ngsd_jax.models.config import ModelConfig
 from ngsd_jax.models.decoder import abstract_decoder
 
 

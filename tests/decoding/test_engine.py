@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ngsd_jax.decoding import risk
-from ngsd_jax.decoding.settings import DecodeSettings
-from ngsd_jax.decoding.engine import Engine
 from ngsd_jax.checkpoints.weights import load_model
+from ngsd_jax.decoding import risk
+from ngsd_jax.decoding.engine import Engine
 from ngsd_jax.decoding.gate import GateConfig
+from ngsd_jax.decoding.settings import DecodeSettings
 
 VOCAB = 256
 STOP = 3  # a token id treated as EOS in the tests that want early stops

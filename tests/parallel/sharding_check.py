@@ -21,11 +21,11 @@ import torch
 from flax import nnx
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ngsd_jax.decoding.settings import DecodeSettings
-from ngsd_jax.decoding.engine import Engine
-from ngsd_jax.checkpoints.weights import load_model
-from ngsd_jax.models.lora import LoRALinear, apply_lora
 from ngsd_jax.checkpoints.adapter import extract_adapter
+from ngsd_jax.checkpoints.weights import load_model
+from ngsd_jax.decoding.engine import Engine
+from ngsd_jax.decoding.settings import DecodeSettings
+from ngsd_jax.models.lora import LoRALinear, apply_lora
 from ngsd_jax.parallel.sharding import make_mesh, parse_mesh
 
 PROMPTS = [[1, 17, 42, 99, 7], [1, 5, 250, 3, 60, 61, 62, 8, 9], [1, 4, 4, 200]]

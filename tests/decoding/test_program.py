@@ -9,12 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-
-from ngsd_jax.decoding import gate, program
-from ngsd_jax.decoding.settings import DecodeSettings
-from ngsd_jax.decoding.program import DecodeState
-from ngsd_jax.decoding.engine import Engine
 from ngsd_jax.checkpoints.weights import load_model
+from ngsd_jax.decoding import gate, program
+from ngsd_jax.decoding.engine import Engine
+from ngsd_jax.decoding.program import DecodeState
+from ngsd_jax.decoding.settings import DecodeSettings
 
 VOCAB = 256
 
@@ -62,7 +61,7 @@ def test_no_forward_pass_after_the_last_token(pair, monkeypatch):
 
 def test_safedecoding_merges_only_during_its_first_m_tokens(pair, monkeypatch):
     base, expert = pair
-    merges = _counting(monkeypatch, ngsd, "safedecoding_scores")
+    merges = _counting(monkeypatch, gate, "safedecoding_scores")
     result = Engine(base, expert, VOCAB, stop_ids=[]).decode(
         _prompts(1, [9, 5]), None, DecodeSettings(mode="safedecoding", max_new_tokens=8, safedecoding_first_m=3))
     assert result.tokens.shape == (2, 8)

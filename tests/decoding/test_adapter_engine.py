@@ -8,12 +8,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ngsd_jax.checkpoints.adapter import (
+    adapter_mismatch,
+    extract_adapter,
+    is_adapter,
+    load_adapter,
+    save_adapter,
+    weights_fingerprint,
+)
+from ngsd_jax.checkpoints.weights import load_model
 from ngsd_jax.decoding import risk
-from ngsd_jax.decoding.settings import DecodeSettings
 from ngsd_jax.decoding.engine import Engine
 from ngsd_jax.decoding.program import paired_cache
-from ngsd_jax.checkpoints.weights import load_model
-from ngsd_jax.checkpoints.adapter import adapter_mismatch, extract_adapter, is_adapter, load_adapter, save_adapter, weights_fingerprint
+from ngsd_jax.decoding.settings import DecodeSettings
 from ngsd_jax.models.lora import apply_lora, merge_lora
 
 VOCAB = 256

@@ -18,10 +18,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from ngsd_jax.checkpoints.weights import load_model
 from ngsd_jax.decoding import early_stop as es
 from ngsd_jax.decoding.engine import Engine
 from ngsd_jax.decoding.settings import MODES, DecodeSettings
-from ngsd_jax.checkpoints.weights import load_model
 from ngsd_jax.refusals import EARLY_STOP_PHRASES
 
 # ---------------------------------------------------------------------------------------------

@@ -9,44 +9,31 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import TRAIN_PAIRS, build_tiny_hf, final_params, train_args, train_tokenizer
 from flax import nnx
 
-from conftest import TRAIN_PAIRS, build_tiny_hf, final_params, train_tokenizer
-
-from ngsd_jax.training import recipe as recipes
 from ngsd_jax import train
-from ngsd_jax.training import step as train_step
-from ngsd_jax.training import data as train_data
-from ngsd_jax.models.config import config_from_hf
+from ngsd_jax.checkpoints.tokenizer import encode_chat, end_of_turn_id
 from ngsd_jax.checkpoints.weights import load_model
-from ngsd_jax.models.lora import apply_lora, merge_lora
+from ngsd_jax.models.config import config_from_hf
 from ngsd_jax.models.decoder import Decoder
-from ngsd_jax.checkpoints.tokenizer import encode_chat
+from ngsd_jax.models.lora import apply_lora, merge_lora
+from ngsd_jax.training import data as train_data
+from ngsd_jax.training import recipe as recipes
+from ngsd_jax.training import step as train_step
 
 TINY_CONFIG = dict(model_type="llama", vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-6,
                    rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=False,
                    bos_token_id=1, eos_token_id=2)
-# Settings every tiny run shares: the byte-level examples fit 128 positions; one width, one compilation.
-# Pinned rather than taken from the default recipe, whose tuning for SmolLM2 may change.
-TINY_SETTINGS = ["--set", "bucket_widths=[128]", "--set", 'lora_targets=["q_proj","v_proj"]', "--batch-size", "2",
-                 "--no-hf-export"]
-
-
-def train_args(checkpoint: Path, data: Path, tmp: Path, *extra: str) -> list[str]:
-    return ["--base", str(checkpoint), "--data", str(data), "--run-dir", str(tmp / "run"),
-            "--output", str(tmp / "expert"), *TINY_SETTINGS, *extra]
-
-
 def test_loss_mask_covers_exactly_the_response_and_end_of_turn(tokenizer):
-    eot = train_data.end_of_turn_id(tokenizer)
+    eot = end_of_turn_id(tokenizer)
     assert eot == tokenizer.convert_tokens_to_ids("<|im_end|>")
     prompt, response = TRAIN_PAIRS[0]
     record = train_data.parse_record({"prompt": prompt, "response": response, "prefix": "Sure, here"})
@@ -68,7 +55,7 @@ def test_loss_mask_covers_exactly_the_response_and_end_of_turn(tokenizer):
 
 
 def test_decision_tokens_weigh_only_the_first_targets_of_each_response(tokenizer):
-    eot = train_data.end_of_turn_id(tokenizer)
+    eot = end_of_turn_id(tokenizer)
     examples = [train_data.encode_record(train_data.parse_record({"prompt": p, "response": r, "weight": w}),
                                          tokenizer, eot, "x") for (p, r), w in zip(TRAIN_PAIRS[:2], (1.0, 0.5))]
     batch = train_data.PlannedBatch(epoch=0, width=64, indices=(0, 1))
@@ -155,7 +142,7 @@ def test_default_dataset_reads_file_lists_and_draws_the_ordinary_prompts(tokeniz
 
 def test_messages_and_prompt_response_records_agree(tokenizer):
     prompt, response = TRAIN_PAIRS[1]
-    eot = train_data.end_of_turn_id(tokenizer)
+    eot = end_of_turn_id(tokenizer)
     a = train_data.encode_record(train_data.parse_record({"prompt": prompt, "response": response}), tokenizer, eot, "a")
     b = train_data.encode_record(train_data.parse_record({"messages": [
         {"role": "user", "content": prompt}, {"role": "assistant", "content": response}]}), tokenizer, eot, "b")

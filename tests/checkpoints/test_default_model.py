@@ -21,8 +21,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 import ngsd_jax
 from ngsd_jax import paths
 from ngsd_jax.checkpoints import default_model as dm
-from ngsd_jax.checkpoints.weights import load_model
 from ngsd_jax.checkpoints.tokenizer import encode_chat, load_tokenizer, stop_token_ids, tokenizer_from_gguf_metadata
+from ngsd_jax.checkpoints.weights import load_model
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

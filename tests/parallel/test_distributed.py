@@ -12,9 +12,9 @@ from pathlib import Path
 import jax
 from conftest import env_with_8_devices
 
-from ngsd_jax.training import state as train_state
-from ngsd_jax.parallel import distributed
 from ngsd_jax.checkpoints.weights import export_hf, load_model
+from ngsd_jax.parallel import distributed
+from ngsd_jax.training import state as train_state
 from ngsd_jax.training.recipe import Recipe
 
 SCRIPT = Path(__file__).with_name("distributed_check.py")

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ngsd_jax.decoding import risk
-from ngsd_jax.decoding.settings import DecodeSettings
-from ngsd_jax.decoding.engine import Engine
-from ngsd_jax.checkpoints.weights import load_model
-from ngsd_jax.models.lora import apply_lora, merge_lora
 from ngsd_jax.checkpoints.adapter import extract_adapter
+from ngsd_jax.checkpoints.weights import load_model
+from ngsd_jax.decoding import risk
+from ngsd_jax.decoding.engine import Engine
+from ngsd_jax.decoding.settings import DecodeSettings
 from ngsd_jax.models.decoder import stack_layers
+from ngsd_jax.models.lora import apply_lora, merge_lora
 
 VOCAB = 256
 STOP = 3

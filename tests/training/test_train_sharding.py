@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import env_with_8_devices, final_params
-from test_train import train_args
+from conftest import env_with_8_devices, final_params, train_args
 
 from ngsd_jax import train
 

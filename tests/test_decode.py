@@ -11,13 +11,13 @@ from conftest import CHATML, PROMPTS, chat_checkpoint, chat_tokenizer
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from ngsd_jax import cli, decode
-from ngsd_jax.decoding.prompts import read_prompts
-from ngsd_jax.errors import UsageError
-from ngsd_jax.decoding.settings import DecodeSettings
-from ngsd_jax.decoding.engine import Engine
 from ngsd_jax.checkpoints.weights import load_model
+from ngsd_jax.decoding.engine import Engine
+from ngsd_jax.decoding.prompts import read_prompts
 from ngsd_jax.decoding.reflect import RATING_PREFIX, reflect
 from ngsd_jax.decoding.risk import AlphaMapping, harmfulness_question_messages
+from ngsd_jax.decoding.settings import DecodeSettings
+from ngsd_jax.errors import UsageError
 
 FALLBACK_SCORES = {"severityScore": 7, "actionabilityScore": 7, "evasionScore": 7, "targetingScore": 7}
 

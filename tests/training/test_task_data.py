@@ -9,13 +9,13 @@ import importlib.util
 import json
 import re
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
 
+from ngsd_jax.paths import DATA_DIR
 from ngsd_jax.training import data as train_data
 
-DATA = Path(__file__).resolve().parent.parent / "train" / "data"
+DATA = DATA_DIR
 BENIGN_FILES = ["benign.jsonl", "ordinary.jsonl"]
 HARMFUL_FILES = ["harmful.jsonl", "harmful_tasks.jsonl"]
 # The refusal openings train/data/README.md promises (keyword judges recognise them).

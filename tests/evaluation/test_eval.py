@@ -13,15 +13,22 @@ import pytest
 from conftest import chat_tokenizer
 
 from ngsd_jax import eval as evaluate
+from ngsd_jax.checkpoints.tokenizer import encode_chat, stop_token_ids
+from ngsd_jax.checkpoints.weights import load_model
+from ngsd_jax.decoding.engine import Engine
+from ngsd_jax.decoding.settings import DecodeSettings
 from ngsd_jax.errors import UsageError
 from ngsd_jax.evaluation import runner
 from ngsd_jax.evaluation.dataset import EvalItem, read_dataset
+from ngsd_jax.evaluation.judges import (
+    JudgeError,
+    exact_answer,
+    last_number,
+    load_judge,
+    reference_keywords,
+    refusal_keywords,
+)
 from ngsd_jax.evaluation.metrics import first_difference, label_metrics, roc_auc
-from ngsd_jax.decoding.settings import DecodeSettings
-from ngsd_jax.decoding.engine import Engine
-from ngsd_jax.evaluation.judges import JudgeError, exact_answer, last_number, load_judge, reference_keywords, refusal_keywords
-from ngsd_jax.checkpoints.weights import load_model
-from ngsd_jax.checkpoints.tokenizer import encode_chat, stop_token_ids
 
 ROWS = [
     {"goal": "How do I bake bread?", "label": "benign", "target": "Sure, here is a plan for bread", "answer": "4"},
