@@ -11,13 +11,15 @@ from conftest import CHATML, PROMPTS, chat_checkpoint, chat_tokenizer
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from ngsd_jax import cli, decode
+from ngsd_jax.checkpoints.tokenizer import encode_chat
 from ngsd_jax.checkpoints.weights import load_model
 from ngsd_jax.decoding.engine import Engine
 from ngsd_jax.decoding.prompts import read_prompts
 from ngsd_jax.decoding.reflect import RATING_PREFIX, reflect
-from ngsd_jax.decoding.risk import AlphaMapping, harmfulness_question_messages
-from ngsd_jax.decoding.settings import DecodeSettings
+from ngsd_jax.decoding.risk import AlphaMapping, alpha_from_risk, harmfulness_question_messages
+from ngsd_jax.decoding.settings import DecodeResult, DecodeSettings
 from ngsd_jax.errors import UsageError
+from ngsd_jax.refusals import EXPERT_OPENINGS
 
 FALLBACK_SCORES = {"severityScore": 7, "actionabilityScore": 7, "evasionScore": 7, "targetingScore": 7}
 
@@ -144,8 +146,7 @@ def test_reflection_is_one_batched_call_with_alpha_in_the_paper_set(chat_pair, m
         np.testing.assert_allclose([r.risk for r in out], expected, rtol=1e-4)
         assert [r.alpha for r in out] == [_alpha_of_risk(risk) for risk in expected]
         assert all(r.text.startswith("P(yes)=") for r in out)
-    else:
-        assert not any(_holds_a_json_object(r.text) for r in out)
+    else:  # a random base writes no JSON: every score falls back to 7
         assert all(r.parsed is False and r.scores == FALLBACK_SCORES and r.risk == 7 and r.alpha == 0.9 for r in out)
 
 
@@ -158,6 +159,46 @@ def _holds_a_json_object(text: str) -> bool:
         except json.JSONDecodeError:
             pass
     return False
+
+
+class _RatingBase(_CountingEngine):
+    """A base that answers each rating request with a scripted continuation of RATING_PREFIX
+    (generated text past the first '}' must be cut by the stop tokens reflect passes)."""
+
+    def __init__(self, tok, continuations, **kwargs):
+        super().__init__(**kwargs)
+        self.tok, self.continuations, self.stops_seen = tok, continuations, None
+
+    def decode(self, prompts, expert_prompts=None, settings=None, stop_ids=None, **kwargs):
+        self.calls += 1
+        self.stops_seen = set(stop_ids)
+        rows = []
+        for text in self.continuations:
+            ids = self.tok.encode(text, add_special_tokens=False)
+            end = next((i + 1 for i, t in enumerate(ids) if t in self.stops_seen), len(ids))
+            rows.append(ids[:end])
+        width = max(map(len, rows))
+        tokens = np.array([r + [0] * (width - len(r)) for r in rows], np.int32)
+        zeros = np.zeros(tokens.shape, np.float32)
+        return DecodeResult(tokens, np.array([len(r) for r in rows], np.int32), zeros, zeros, zeros.astype(bool),
+                            zeros, np.zeros(len(rows), np.float32))
+
+
+def test_json_reflection_parses_the_bases_rating_into_the_spec_risk_and_alpha(chat_pair):
+    base, _ = chat_pair
+    tok = PreTrainedTokenizerFast.from_pretrained(base)
+    continuations = ['9, "actionabilityScore": 9, "evasionScore": 2, "targetingScore": 1} and then more text',
+                     '2, "actionabilityScore": 1, "evasionScore": 0, "targetingScore": 3}',
+                     '6, "ActionabilityScore": 4, "evasionScore": 6, "targetingScore": 2}']
+    engine = _RatingBase(tok, continuations, base=load_model(base), expert=None, vocab_size=len(tok),
+                         stop_ids=[tok.eos_token_id])
+    out = reflect(engine, tok, PROMPTS, "json")
+    assert engine.calls == 1 and all(r.parsed for r in out)
+    # Spec section 4 by hand: A = 9 >= 8 with S = 9 >= 5 gives r = 9; then r = max(S, S/2 + mean of the two
+    # highest of A, E, T / 2): max(2, 1 + 2/2) = 2 and max(6, 3 + 5/2) = 6.
+    assert [r.scores["severityScore"] for r in out] == [9, 2, 6] and out[2].scores["actionabilityScore"] == 4
+    assert [r.risk for r in out] == [9, 2, 6] and [r.alpha for r in out] == [0.9, 0.1, 0.5]
+    assert "and then more text" not in out[0].text  # generation ends at the first token holding a '}'
 
 
 def _alpha_of_risk(risk: float) -> float:
@@ -323,26 +364,46 @@ def test_a_missing_checkpoint_is_named(chat_pair, capsys, role):
     assert f"{role} model /no/such/dir: no such checkpoint" in err and "ngsd_jax.train" not in err
 
 
+def _opening_risk_by_transformers(checkpoint, tok, prompt) -> float:
+    """10 x P(the answer opens with one of the expert's refusal openings, whole), each opening
+    the product of its tokens' probabilities from transformers over prompt + its earlier tokens
+    (the openings made prefix-free by hand: a shorter one covers those it begins)."""
+    model = LlamaForCausalLM.from_pretrained(checkpoint).eval()
+    ids = encode_chat(tok, prompt)
+    sequences = sorted({tuple(tok.encode(o, add_special_tokens=False)) for o in EXPERT_OPENINGS}, key=len)
+    kept = [s for i, s in enumerate(sequences) if not any(s[: len(k)] == k for k in sequences[:i])]
+    total = 0.0
+    with torch.no_grad():
+        for seq in kept:
+            prob = 1.0
+            for d, token in enumerate(seq):
+                logits = model(torch.tensor([ids + list(seq[:d])])).logits[0, -1, :len(tok)]
+                prob *= float(torch.softmax(logits.double(), -1)[token])
+            total += prob
+    return 10 * total
+
+
 def test_reflect_expert_sets_alpha_in_the_decode_program_with_the_flagged_mapping(chat_pair, capsys):
     base, expert = chat_pair
+    tok = PreTrainedTokenizerFast.from_pretrained(expert)
+    risks = [_opening_risk_by_transformers(expert, tok, p) for p in PROMPTS]
+    low, mid, high = sorted(risks)
+    thresholds = f"{(low + mid) / 2:.6g},{(mid + high) / 2:.6g}"  # every row at its own level
     args = ["--base", base, "--expert", expert, "--max-new-tokens", "4", "--json", "--reflect", "expert",
-            "--alpha-levels", "0.2,0.3,0.7", "--risk-thresholds", "0.01,0.02"]
+            "--alpha-levels", "0.2,0.3,0.7", "--risk-thresholds", thresholds]
     for p in PROMPTS:
         args += ["--prompt", p]
     code, out, err = _run(capsys, *args)
     assert code == 0, err
     records = [json.loads(line) for line in out.splitlines()]
-    # Reference: the same risk from a separate prefill of the expert, outside the decode program.
-    tok = PreTrainedTokenizerFast.from_pretrained(expert)
-    engine = Engine(None, load_model(expert), vocab_size=len(tok), stop_ids=[tok.eos_token_id])
-    mapping = AlphaMapping((0.2, 0.3, 0.7), (0.01, 0.02))
-    reference = reflect(engine, tok, PROMPTS, "expert", mapping=mapping)
-    assert {r.alpha for r in reference} <= {0.2, 0.3, 0.7}
-    for record, ref in zip(records, reference):
+    mapping = AlphaMapping((0.2, 0.3, 0.7), tuple(float(x) for x in thresholds.split(",")))
+    expected = [alpha_from_risk(r, mapping) for r in risks]
+    assert sorted(expected) == [0.2, 0.3, 0.7]
+    for record, risk, alpha in zip(records, risks, expected):
         assert record["reflection"]["mode"] == "expert"
-        assert record["reflection"]["risk"] == pytest.approx(ref.risk, rel=1e-4)
-        assert record["reflection"]["alpha"] == pytest.approx(ref.alpha)
-        assert all(a == 0 or a == pytest.approx(ref.alpha) for a in record["trace"]["alpha"])
+        assert record["reflection"]["risk"] == pytest.approx(risk, rel=1e-4)
+        assert record["reflection"]["alpha"] == pytest.approx(alpha)
+        assert all(a == 0 or a == pytest.approx(alpha) for a in record["trace"]["alpha"])
 
 
 @pytest.mark.parametrize("flag, value, message", [("--alpha-levels", "0.1,0.5", "expected 3 comma-separated"),

@@ -145,9 +145,14 @@ def choose_scores(settings: DecodeSettings, state: DecodeState, alpha, temperatu
 def _rows_per_opening(cache, repeats: int, batch: int, keep: int):
     """A prefill cache with each row repeated `repeats` times (row b's copies side by side; a
     paired layer's base rows and expert rows, 2 x batch, each repeated within its half) and only
-    its first `keep` positions."""
+    exactly `keep` positions (cut, or padded when the prefill's cache is shorter)."""
     def one(array, batch_axis):
-        array = jax.lax.slice_in_dim(array, 0, min(keep, array.shape[batch_axis + 2]), axis=batch_axis + 2)
+        length_axis = batch_axis + 2
+        array = jax.lax.slice_in_dim(array, 0, min(keep, array.shape[length_axis]), axis=length_axis)
+        if array.shape[length_axis] < keep:  # a short decode budget: room for the openings' tokens
+            padding = [(0, 0)] * array.ndim
+            padding[length_axis] = (0, keep - array.shape[length_axis])
+            array = jnp.pad(array, padding)
         if array.shape[batch_axis] == 2 * batch:
             halves = jnp.split(array, 2, axis=batch_axis)
             return jnp.concatenate([jnp.repeat(h, repeats, axis=batch_axis) for h in halves], axis=batch_axis)

@@ -4,6 +4,8 @@ two-model path."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from flax import nnx
@@ -17,9 +19,8 @@ from ngsd_jax.checkpoints.adapter import (
     weights_fingerprint,
 )
 from ngsd_jax.checkpoints.weights import load_model
-from ngsd_jax.decoding import risk
+from ngsd_jax.decoding import program, risk
 from ngsd_jax.decoding.engine import Engine
-from ngsd_jax.decoding.program import paired_cache
 from ngsd_jax.decoding.settings import DecodeSettings
 from ngsd_jax.models.lora import apply_lora, merge_lora
 
@@ -124,11 +125,18 @@ def test_adapter_expert_next_token_distribution_equals_the_merged_one(engines):
     assert np.abs(adapted - merged_engine.next_token_distribution(prompts, model="base")).max() > 0.1
 
 
-def test_identical_prompts_run_the_layers_below_the_adapter_once(base, engines):
+def test_identical_prompts_run_the_layers_below_the_adapter_once(base, engines, monkeypatch):
     adapter_engine, _ = engines
     assert adapter_engine.first_adapted == ADAPTED[0]
-    shared = paired_cache(base, ADAPTED[0], True, batch=4, max_len=8)
-    assert [keys.shape[0] for keys, _ in shared] == [4, 4, 8, 8]
+    built = []  # the caches the decode program builds, while it is traced
+    real = program.paired_cache
+    monkeypatch.setattr(program, "paired_cache", lambda *args: built.append(real(*args)) or built[-1])
+    settings = DecodeSettings(mode="ngsd", max_new_tokens=3 + len(built))  # a new program each call
+    prompts = _prompts(7, [5, 9, 6])
+    adapter_engine.decode(prompts, None, settings)
+    adapter_engine.decode(prompts, _prompts(8, [4, 9, 7]), dataclasses.replace(settings, max_new_tokens=4))
+    # Shared prompts: the layers below the first adapted one hold the batch of 4 once; own prompts: twice.
+    assert [[keys.shape[0] for keys, _ in cache] for cache in built] == [[4, 4, 8, 8], [8, 8, 8, 8]]
     # one weight stream: the paired model holds the base's arrays themselves, not copies
     base_kernel = adapter_engine.base_params["layers"][2]["attn"]["q_proj"]["kernel"][...]
     paired_kernel = adapter_engine.paired_params["layers"][2]["attn"]["q_proj"]["base"]["kernel"][...]

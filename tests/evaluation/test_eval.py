@@ -328,7 +328,14 @@ def test_end_to_end_results_agree_with_samples(chat_pair, dataset, tmp_path, cap
                 authors = [AuthorsDictJudge().eval_single(r["prefill"] + r["output"]) for r in mine]
                 assert got["asr_by_judge"]["reference"] == pytest.approx(1 - sum(authors) / len(mine))
     by_name = {c["name"]: c for c in results["conditions"]}
-    assert by_name["base"]["benign"]["identical_to_base"] == 1.0
+    # Each answer against the base's answer to its prompt, token for token, recomputed from the rows.
+    base_tokens = {r["index"]: r["tokens"] for r in rows if r["mode"] == "base"}
+    for r in rows:
+        reference = base_tokens[r["index"]]
+        first = next((i for i, (x, y) in enumerate(zip(r["tokens"], reference)) if x != y),
+                     None if r["tokens"] == reference else min(len(r["tokens"]), len(reference)))
+        assert (r["identical_to_base"], r["first_diff"]) == (r["tokens"] == reference, first), r["condition"]
+    assert {r["identical_to_base"] for r in rows if r["mode"] != "base"} == {True, False}
     assert by_name["ngsd a=0.9"]["harmful"]["spike_rate"] > 0  # the unrelated expert disagrees: the gate fires
     assert by_name["safedecoding"]["benign"]["spike_rate"] is None  # the neuron runs in ngsd only
     assert 0 < sum(r["verdict"] == "refusal" for r in rows) < len(rows)
