@@ -155,7 +155,11 @@ class Engine:
         has_expert = self.expert_graph is not None or self.has_adapter
         if settings.uses_base and self.base_graph is None or settings.uses_expert and not has_expert:
             raise ValueError(f"mode '{settings.mode}' needs a model this engine was not given")
-        paired = self.has_adapter and settings.uses_expert
+        # An adapter engine runs every mode in the paired layout, the base alone too: the base rows
+        # beside the expert's are then the very computation `--mode base` makes, so where the neuron
+        # never fires NGSD's answer is the base's token for token in every dtype (a base run on
+        # its own rows, another matmul shape, differs in bf16 by rounding).
+        paired = self.has_adapter
         # The authors early-stop inside NGSD only: every other mode decodes its answers whole.
         settings = dataclasses.replace(settings, sampling=bool((np.asarray(temperature) > 0).any()),
                                        early_stop=settings.early_stop and settings.mode == "ngsd",

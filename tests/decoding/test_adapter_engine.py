@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -21,6 +23,7 @@ from ngsd_jax.checkpoints.adapter import (
 from ngsd_jax.checkpoints.weights import load_model
 from ngsd_jax.decoding import program, risk
 from ngsd_jax.decoding.engine import Engine
+from ngsd_jax.decoding.gate import GateConfig
 from ngsd_jax.decoding.settings import DecodeSettings
 from ngsd_jax.models.lora import apply_lora, merge_lora
 
@@ -159,3 +162,42 @@ def test_adapter_saves_loads_and_knows_its_base(base, lora_model, tmp_path, make
     assert "different weights" in message and "\n" not in message
     other_shape = load_model(make_tiny_hf("llama", num_hidden_layers=2))
     assert "configs differ" in adapter_mismatch(loaded, other_shape, "small")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("expert_kind", ["adapter", "merged", "separate"])
+@pytest.mark.parametrize("own_prompts", [False, True])
+def test_where_the_neuron_never_fires_ngsd_is_the_base_token_for_token(make_tiny_hf, base, lora_model, dtype,
+                                                                      expert_kind, own_prompts):
+    """The light touch: NGSD's answer is the base's own answer (the engine's --mode base) wherever
+    the neuron never fires, in every dtype, for every kind of expert and prompt."""
+    path = make_tiny_hf("llama", num_hidden_layers=4)  # the same weights as `base`, loaded in `dtype`
+    low = load_model(path, dtype)
+    adapter = extract_adapter(lora_model)
+    if expert_kind == "adapter":
+        engine = Engine(low, None, VOCAB, stop_ids=[STOP], adapter=adapter)
+    elif expert_kind == "merged":
+        engine = Engine(low, _cast(merge_lora(nnx.clone(lora_model)), dtype), VOCAB, stop_ids=[STOP])
+    else:
+        engine = Engine(low, load_model(make_tiny_hf("llama", num_hidden_layers=4, seed=5), dtype), VOCAB,
+                        stop_ids=[STOP])
+    prompts = _prompts(11, [5, 17, 11, 8, 3])
+    expert_prompts = _prompts(12, [9, 4, 13, 6, 7]) if own_prompts else None
+    base_only = engine.decode(prompts, expert_prompts, DecodeSettings(mode="base", max_new_tokens=16))
+    # No spike at all: a threshold the divergence never reaches.
+    quiet = engine.decode(prompts, expert_prompts, DecodeSettings(
+        mode="ngsd", max_new_tokens=16, gate=GateConfig(threshold=1e9)), alpha=0.9)
+    assert not quiet.spike.any()
+    for i in range(len(prompts)):
+        assert quiet.sequence(i) == base_only.sequence(i)
+    # The paper's gate: the rows that never spiked are the base's; some rows spike and change.
+    gated = engine.decode(prompts, expert_prompts, DecodeSettings(mode="ngsd", max_new_tokens=16), alpha=0.9)
+    for i in range(len(prompts)):
+        if not gated.spike[i].any():
+            assert gated.sequence(i) == base_only.sequence(i)
+
+
+def _cast(model, dtype):
+    """A copy of `model` with its parameters in `dtype`."""
+    graph, state = nnx.split(nnx.clone(model))
+    return nnx.merge(graph, jax.tree.map(lambda x: x.astype(dtype), state))
