@@ -302,6 +302,33 @@ def test_bad_settings_fail_in_one_line(chat_pair, capsys, flags, message):
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
 
 
+@pytest.mark.parametrize("flags, message", [
+    (("--temperature", "inf"), "--temperature must be a finite number (got inf)"),
+    (("--top-p", "nan"), "--top-p must be a finite number"),
+    (("--tau", "inf"), "--tau must be a finite number"),
+    (("--threshold", "inf"), "--threshold must be a finite number"),
+    (("--safedecoding-alpha", "inf"), "--safedecoding-alpha must be a finite number"),
+    (("--alpha", "nan"), "--alpha must be a finite number"),
+    (("--alpha-levels", "0.1,nan,0.9"), "--alpha-levels must be a finite number"),
+    (("--risk-thresholds", "5,inf"), "--risk-thresholds must be a finite number"),
+    # Bytes that are not UTF-8 reach argv as lone surrogates (surrogateescape), as $'\xff' does.
+    (("--prompt", "caf\udce9"), "--prompt: not valid UTF-8 text"),
+    (("--prefill", "\udcff"), "--prefill: not valid UTF-8 text"),
+    (("--system-prompt", "\udcff"), "--system-prompt: not valid UTF-8 text"),
+    (("--prompts-file", "{tmp}/latin1.txt"), "latin1.txt: not UTF-8 text (byte 0xe9 at offset 3)"),
+    (("--prompts-file", "{tmp}/escaped.jsonl"), "escaped.jsonl: item 2: not valid UTF-8 text"),
+])
+def test_non_finite_numbers_and_non_utf8_text_fail_in_one_line(chat_pair, capsys, tmp_path, flags, message):
+    (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))
+    (tmp_path / "escaped.jsonl").write_text('"fine"\n"\\udcff"\n')
+    base, expert = chat_pair
+    code, out, err = _run(capsys, "--base", base, "--expert", expert, "--prompt", "hi",
+                          *[f.format(tmp=tmp_path) for f in flags])
+    lines = err.strip().splitlines()
+    assert code == 2 and out == ""
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+
+
 def test_merge_top_k_past_the_vocabulary_merges_every_token(chat_pair, capsys):
     base, expert = chat_pair
     outputs = []

@@ -5,6 +5,7 @@ memory plan chooses, and one batch through reflection, encoding and the engine."
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax.numpy as jnp
 
@@ -17,6 +18,7 @@ from ngsd_jax.decoding.batching import bucket_batch, bucket_length
 from ngsd_jax.decoding.early_stop import early_stop_tables
 from ngsd_jax.decoding.engine import Engine
 from ngsd_jax.decoding.gate import GateConfig, gate_problem
+from ngsd_jax.decoding.prompts import check_utf8
 from ngsd_jax.decoding.reflect import reflect
 from ngsd_jax.decoding.risk import AlphaMapping, ExpertRisk, expert_reflection, opening_token_sequences, opening_trie
 from ngsd_jax.decoding.settings import DecodeSettings
@@ -80,6 +82,14 @@ GATE_FLAGS = {"tau": "--tau", "threshold": "--threshold", "soft_reset": "--soft-
 def check_options(options: DecodeOptions) -> None:
     """Refuses settings that would fail or run meaninglessly, before any model is read; each
     refusal is one line naming the flag."""
+    for field in dataclasses.fields(DecodeOptions):
+        value = getattr(options, field.name)
+        flag = "--" + field.name.replace("_", "-")
+        values = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise UsageError(f"{flag} must be a finite number (got {value if len(values) > 1 else values[0]})")
+        if isinstance(value, str) and field.name not in ("base", "expert"):  # paths may be any bytes
+            check_utf8(value, flag)
     gate = {field: getattr(options, "merge_top_k" if field == "top_k" else field) for field in GATE_FLAGS}
     problem = gate_problem(gate, GATE_FLAGS)
     checks = [

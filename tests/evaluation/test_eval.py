@@ -119,6 +119,9 @@ def test_field_rules(tmp_path):
     ('{"goal": "a"}\n', ["--dataset", "{d}/x.jsonl", "--alpha-sweep", "0.5,high"], ["'high' is neither"]),
     ('{"goal": "a"}\n', ["--dataset", "{d}/x.jsonl", "--prefill-tokens", "3"], ["needs --prefill-field"]),
     ('{"goal": "a"}\n', ["--dataset", "{d}/x.jsonl", "--judge", "no_such_module_xyz:f"], ["cannot import"]),
+    ('{"goal": "a"}\n{"goal": "\\udcff"}\n', ["--dataset", "{d}/x.jsonl"], ["x.jsonl: item 2: not valid UTF-8"]),
+    ('{"goal": "a", "t": "\\ud800"}\n', ["--dataset", "{d}/x.jsonl", "--prefill-field", "t"],
+     ["x.jsonl: item 1: not valid UTF-8"]),
 ])
 def test_bad_input_is_one_line_naming_the_fix(tmp_path, capsys, setup, argv, words):
     if setup is not None:
