@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -92,9 +93,9 @@ def parse_conditions(modes_arg: str, sweep_arg: str | None, has_benign: bool) ->
             try:
                 value = float(entry)
             except ValueError:
-                value = -1.0
-            if not value >= 0:
-                raise UsageError(f"--alpha-sweep: '{entry}' is neither an alpha >= 0 nor '{REFLECT_IN_SWEEP}'")
+                value = math.nan
+            if not 0 <= value <= 1:  # NaN too
+                raise UsageError(f"--alpha-sweep: '{entry}' is neither an alpha in [0, 1] nor '{REFLECT_IN_SWEEP}'")
             sweep.append(value)
         if not sweep:
             raise UsageError("--alpha-sweep: give at least one alpha")
