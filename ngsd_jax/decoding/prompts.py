@@ -31,7 +31,7 @@ def read_records(path: Path) -> list:
     if not path.is_file():
         raise UsageError(f"{path}: no such prompts file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Excel's CSV export) is not text
     except UnicodeDecodeError as err:
         raise UsageError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
                          f"save it as UTF-8") from None

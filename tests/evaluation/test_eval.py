@@ -19,6 +19,7 @@ from ngsd_jax.decoding.engine import Engine
 from ngsd_jax.decoding.settings import DecodeSettings
 from ngsd_jax.errors import UsageError
 from ngsd_jax.evaluation import runner
+from ngsd_jax.decoding.prompts import read_prompts
 from ngsd_jax.evaluation.dataset import EvalItem, read_dataset
 from ngsd_jax.evaluation.judges import (
     JudgeError,
@@ -83,6 +84,18 @@ def test_every_format_gives_the_same_items(tmp_path):
     (tmp_path / "d.txt").write_text("\n".join(r["goal"] for r in ROWS) + "\n\n")
     assert read_dataset(tmp_path / "d.txt") == [EvalItem(i, r["goal"], True)
                                                          for i, r in enumerate(ROWS)]
+
+
+@pytest.mark.parametrize("suffix, text", [("csv", "Goal,label\none,harmful\ntwo,benign\n"),
+                                          ("jsonl", '{"Goal": "one", "label": "harmful"}\n{"Goal": "two"}\n'),
+                                          ("txt", "one\ntwo\n")])
+def test_a_byte_order_mark_is_not_part_of_the_first_field(tmp_path, suffix, text):
+    path = tmp_path / f"bom.{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())  # as Excel saves "CSV UTF-8"
+    assert read_prompts(path) == ["one", "two"]
+    if suffix == "csv":
+        items = read_dataset(path, prompt_field="Goal", label_field="label")
+        assert [(i.prompt, i.harmful) for i in items] == [("one", True), ("two", False)]
 
 
 def test_field_rules(tmp_path):
