@@ -16,10 +16,10 @@ from ngsd_jax import eval as evaluate
 from ngsd_jax.checkpoints.tokenizer import encode_chat, stop_token_ids
 from ngsd_jax.checkpoints.weights import load_model
 from ngsd_jax.decoding.engine import Engine
+from ngsd_jax.decoding.prompts import read_prompts
 from ngsd_jax.decoding.settings import DecodeSettings
 from ngsd_jax.errors import UsageError
 from ngsd_jax.evaluation import runner
-from ngsd_jax.decoding.prompts import read_prompts
 from ngsd_jax.evaluation.dataset import EvalItem, read_dataset
 from ngsd_jax.evaluation.judges import (
     JudgeError,
