@@ -31,7 +31,7 @@ from ngsd_jax.evaluation.dataset import read_dataset
 from ngsd_jax.evaluation.judges import exact_answer, keyword_verdicts, load_judge
 from ngsd_jax.evaluation.metrics import compute_results, first_difference
 from ngsd_jax.evaluation.report import report_table, write_outputs
-from ngsd_jax.files import jsonl_values, write_text_atomic
+from ngsd_jax.files import directory_problem, jsonl_values, write_text_atomic
 from ngsd_jax.parallel import distributed
 
 REFLECT_IN_SWEEP = "reflect"  # an --alpha-sweep entry meaning "alpha from --reflect", as decode sets it
@@ -159,6 +159,9 @@ def evaluate(opts: EvalOptions) -> int:
         raise UsageError("--prefill-tokens K needs --prefill-field and K >= 1")
     if opts.limit is not None and opts.limit < 1:
         raise UsageError("--limit must be >= 1")
+    problem = directory_problem(opts.out, "--out")
+    if problem:
+        raise UsageError(problem)
     items = read_dataset(opts.dataset, opts.prompt_field, opts.label_field, opts.harmful_label, opts.prefill_field,
                          opts.answer_field, opts.limit)
     conditions = parse_conditions(opts.modes, opts.alpha_sweep, any(not i.harmful for i in items))

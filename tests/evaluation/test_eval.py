@@ -150,6 +150,17 @@ def test_bad_input_is_one_line_naming_the_fix(tmp_path, capsys, setup, argv, wor
         assert w in err, (w, err)
 
 
+@pytest.mark.parametrize("parent", [False, True])
+def test_an_out_flag_naming_a_file_is_refused_naming_the_flag(dataset, tmp_path, capsys, parent):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    target = blocker / "sub" if parent else blocker
+    code, _, err = _eval(capsys, "--dataset", dataset, "--out", target)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: --out {target}"), err
+    assert "give a directory" in lines[0]
+
+
 def test_txt_dataset_has_no_fields(tmp_path):
     (tmp_path / "p.txt").write_text("one\ntwo\n")
     with pytest.raises(UsageError, match="--label-field cannot apply"):

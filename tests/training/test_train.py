@@ -291,6 +291,20 @@ def test_bad_recipe_input_is_one_line_naming_the_fix(capsys):
     assert "expected KEY=VALUE with KEY one of" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, parent", [("--run-dir", False), ("--output", False), ("--hf-output", False),
+                                          ("--output", True)])
+def test_an_output_directory_flag_naming_a_file_is_refused_naming_the_flag(tiny_checkpoint, data_file, tmp_path,
+                                                                           capsys, flag, parent):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    target = blocker / "sub" if parent else blocker
+    args = [a for a in train_args(tiny_checkpoint, data_file, tmp_path) if a != "--no-hf-export"]
+    assert train.main([*args, flag, str(target)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {flag} {target}") and "give a directory" in lines[0]
+    assert blocker.read_text() == "not a directory" and not (tmp_path / "run").exists()
+
+
 def test_resume_after_sigkill_ends_where_an_uninterrupted_run_ends(tiny_checkpoint, data_file, tmp_path):
     # Enough steps that the run is still going when its first checkpoint appears.
     settings = ["--epochs", "100", "--lr", "3e-3", "--set", "checkpoint_every=50", "--set", "max_steps=null"]
