@@ -412,3 +412,105 @@ def test_scan_layers_flag_decodes_the_same_tokens(chat_pair, capsys, monkeypatch
     assert [r["tokens"] for r in outputs[1]] == [r["tokens"] for r in outputs[0]]
     assert len(stacked) == 2 and all(model.scanned for model in stacked)  # base and expert, with the flag only
     assert sum(r["spikes"] for r in outputs[0]) > 0  # the expert steered, so both models ran
+
+
+@pytest.fixture(scope="module")
+def chat_adapter(chat_pair, tmp_path_factory):
+    """A rank-2 LoRA adapter over the chat pair's base (adapter.json and adapter.safetensors only,
+    no tokenizer files, as `python -m ngsd_jax.train` keeps it); read-only."""
+    from flax import nnx
+
+    from ngsd_jax.checkpoints.adapter import extract_adapter, save_adapter
+    from ngsd_jax.models.lora import apply_lora
+
+    model = load_model(chat_pair[0])
+    apply_lora(model, rank=2, alpha=4.0, targets=("q_proj", "v_proj"), seed=1)
+    for _, node in nnx.iter_graph(model):
+        if hasattr(node, "lora_b"):
+            node.lora_b.set_value(np.full(node.lora_b.shape, 0.05, np.float32))
+    path = tmp_path_factory.mktemp("chat_adapter") / "adapter"
+    save_adapter(extract_adapter(model), path)
+    return path
+
+
+def _tensors(path):
+    from safetensors.numpy import load_file
+
+    return load_file(str(path / "adapter.safetensors"))
+
+
+def _save_tensors(path, tensors):
+    from safetensors.numpy import save_file
+
+    save_file(tensors, str(path / "adapter.safetensors"))
+
+
+def _edit_json(path, **changes):
+    meta = json.loads((path / "adapter.json").read_text())
+    (path / "adapter.json").write_text(json.dumps({**meta, **changes}))
+
+
+def _truncate(path):
+    weights = path / "adapter.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+
+
+def _rename(tensors, old, new):
+    return {k.replace(old, new): v for k, v in tensors.items()}
+
+
+CORRUPTIONS = {
+    "truncated weights": _truncate,
+    "missing weights": lambda p: (p / "adapter.safetensors").unlink(),
+    "a without b": lambda p: _save_tensors(p, {k: v for k, v in _tensors(p).items()
+                                               if k != "layers.1.v_proj.lora_b"}),
+    "rank mismatch": lambda p: _edit_json(p, rank=3),
+    "unknown projection": lambda p: _save_tensors(p, _rename(_tensors(p), "v_proj", "x_proj")),
+    "bad JSON": lambda p: (p / "adapter.json").write_text('{"format": "ngsd-jax-lora-1", "rank": '),
+    "missing field": lambda p: _edit_json(p, base_fingerprint=None),
+    "non-finite weights": lambda p: _save_tensors(p, {k: v * np.inf for k, v in _tensors(p).items()}),
+}
+
+
+@pytest.mark.parametrize("corruption, file, words", [
+    ("truncated weights", "adapter.safetensors", "unreadable"),
+    ("missing weights", "adapter.safetensors", "missing"),
+    ("a without b", "adapter.safetensors", "layers.1.v_proj has lora_a without lora_b"),
+    ("rank mismatch", "adapter.safetensors", "not rank 3 as adapter.json says"),
+    ("unknown projection", "adapter.safetensors", "unexpected tensor 'layers.0.x_proj.lora_a'"),
+    ("bad JSON", "adapter.json", "not JSON"),
+    ("missing field", "adapter.json", "'base_fingerprint' is missing"),
+    ("non-finite weights", "adapter.safetensors", "non-finite"),
+])
+def test_a_corrupt_adapter_is_one_line_naming_its_file(chat_pair, chat_adapter, tmp_path, capsys, corruption, file,
+                                                      words):
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(chat_adapter, adapter)
+    CORRUPTIONS[corruption](adapter)
+    code, out, err = _run(capsys, "--base", chat_pair[0], "--expert", str(adapter), "--prompt", "hi", "--mode",
+                          "always", "--reflect", "off", "--max-new-tokens", "2")
+    lines = err.strip().splitlines()
+    assert code == 2 and out == "" and len(lines) == 1, err
+    assert lines[0].startswith(f"error: {adapter / file}: ") and words in lines[0], err
+    assert "retrain the expert" in lines[0]
+
+
+@pytest.mark.parametrize("corrupt", [False, True])
+def test_modes_without_the_expert_read_nothing_of_an_adapter_expert(chat_pair, chat_adapter, tmp_path, capsys,
+                                                                     corrupt):
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(chat_adapter, adapter)
+    if corrupt:
+        CORRUPTIONS["bad JSON"](adapter)
+    args = ["--base", chat_pair[0], "--expert", str(adapter), "--prompt", PROMPTS[0], "--max-new-tokens", "4",
+            "--json"]
+    code, out, err = _run(capsys, *args, "--mode", "base")
+    assert code == 0, err
+    assert len(json.loads(out)["tokens"]) >= 1
+    if not corrupt:  # and the adapter is a working expert where the mode runs it
+        code, _, err = _run(capsys, *args, "--mode", "always", "--reflect", "off")
+        assert code == 0, err

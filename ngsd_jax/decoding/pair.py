@@ -164,9 +164,12 @@ def load_pair(options: DecodeOptions, modes, prompts: list[str], prefill: str = 
     # Tokenizers first: a mismatched pair is refused before any weights are read.
     base_tok = load_tokenizer(base_path)
     adapter = load_adapter(expert_path) if uses_expert and expert_path and is_adapter(expert_path) else None
-    # An adapter expert is the base plus a delta: it has the base's tokenizer.
-    expert_tok = base_tok if adapter is not None else load_tokenizer(expert_path) if expert_path else None
-    if uses_expert and expert_tok is not None:
+    # An adapter expert is the base plus a delta: it has the base's tokenizer. Modes that do not run
+    # the expert read nothing of it.
+    expert_tok = None
+    if uses_expert and expert_path:
+        expert_tok = base_tok if adapter is not None else load_tokenizer(expert_path)
+    if expert_tok is not None:
         mismatch = compare_vocabularies(base_tok, expert_tok)
         if mismatch:
             raise UsageError(mismatch)
