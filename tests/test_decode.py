@@ -329,6 +329,25 @@ def test_non_finite_numbers_and_non_utf8_text_fail_in_one_line(chat_pair, capsys
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
 
 
+@pytest.mark.parametrize("flags, words", [
+    (("--max-new-tokens", "2100"), ["prompt 1 is", "--max-new-tokens 2100", "max_position_embeddings of 2048",
+                                    "lower --max-new-tokens to"]),
+    (("--prompt", "x" * 2100), ["prompt 2 is", "shorten that prompt to under 2048 tokens"]),
+    (("--mode", "base", "--prompt", "x" * 1990, "--max-new-tokens", "64"), ["prompt 2 is", "the base model's",
+                                                                           "lower --max-new-tokens to"]),
+])
+def test_a_prompt_and_new_tokens_past_the_context_are_refused_before_loading(chat_pair, capsys, monkeypatch, flags,
+                                                                             words):
+    from ngsd_jax.decoding import pair
+
+    monkeypatch.setattr(pair, "load_model", lambda *a, **k: pytest.fail("weights read"))
+    base, expert = chat_pair  # LlamaConfig's default max_position_embeddings: 2048
+    code, out, err = _run(capsys, "--base", base, "--expert", expert, "--prompt", "hi", *flags)
+    lines = err.strip().splitlines()
+    assert code == 2 and out == "" and len(lines) == 1, err
+    assert all(w in lines[0] for w in words), err
+
+
 def test_merge_top_k_past_the_vocabulary_merges_every_token(chat_pair, capsys):
     base, expert = chat_pair
     outputs = []

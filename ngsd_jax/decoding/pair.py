@@ -147,6 +147,20 @@ def _distribution_size(softmax_over: str, tokenizer_size: int, configs: dict) ->
     return next(iter(rows.values()))
 
 
+def _check_context(configs: dict, lengths: list[int], max_new_tokens: int) -> None:
+    """Refuses a prompt (`lengths`: each prompt's tokens in its chat format) that with the new tokens
+    would run past the positions of a model in use (`configs` by role), before any weights are read."""
+    widest = max(lengths)
+    for name, config in configs.items():
+        limit = config.max_position_embeddings
+        if widest + max_new_tokens > limit:
+            fix = (f"lower --max-new-tokens to {limit - widest} or shorten that prompt" if widest < limit
+                   else f"shorten that prompt to under {limit} tokens")
+            raise UsageError(f"prompt {lengths.index(widest) + 1} is {widest} tokens in its chat format; with "
+                             f"--max-new-tokens {max_new_tokens} that runs past the {name} model's "
+                             f"max_position_embeddings of {limit}: {fix}")
+
+
 @dataclasses.dataclass
 class LoadedPair:
     """The engine over the models some modes need, with the tokenizers that encode its prompts."""
@@ -176,16 +190,18 @@ def load_pair(options: DecodeOptions, modes, prompts: list[str], prefill: str = 
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[options.dtype]
     chats = [(base_tok, options.system_prompt, options.chat_template),
              (expert_tok, options.expert_system_prompt, options.expert_chat_template)]
-    widest = max(len(encode_chat(tok, p, system, template, prefill, thinking=options.thinking)) for p in prompts
-                 for tok, system, template in chats if tok is not None)
+    lengths = [max(len(encode_chat(tok, p, system, template, prefill, thinking=options.thinking))
+                   for tok, system, template in chats if tok is not None) for p in prompts]
+    widest = max(lengths)
     # An adapter's expert is the base's own weights plus a small delta: planned and loaded as the base.
     uses_base = uses_base or adapter is not None
     uses_expert_model = uses_expert and adapter is None
     models = [(name, path, placement) for name, path, placement, used in (
         ("base", base_path, "sharded", uses_base),
         ("expert", expert_path, options.expert_placement, uses_expert_model)) if used]
-    vocab_size = _distribution_size(options.softmax_over, len(base_tok),
-                                    {name: load_model_config(path) for name, path, _ in models})
+    configs = {name: load_model_config(path) for name, path, _ in models}
+    _check_context(configs, lengths, options.max_new_tokens)
+    vocab_size = _distribution_size(options.softmax_over, len(base_tok), configs)
     mesh = plan_devices(options, models, dtype, min(options.batch_size, len(prompts)), widest)
     base = load_model(base_path, dtype, mesh) if uses_base else None
     expert = load_model(expert_path, dtype, mesh, options.expert_placement) if uses_expert_model else None

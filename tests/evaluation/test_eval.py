@@ -161,6 +161,17 @@ def test_an_out_flag_naming_a_file_is_refused_naming_the_flag(dataset, tmp_path,
     assert "give a directory" in lines[0]
 
 
+def test_a_prefill_past_the_context_is_refused_in_one_line(chat_pair, tmp_path, capsys):
+    base, _ = chat_pair  # max_position_embeddings 2048; the prefill is forced text, past load_pair's check
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"goal": "hi", "target": "x" * 2100}) + "\n")
+    code, _, err = _eval(capsys, "--dataset", data, "--base", base, "--modes", "base", "--prefill-field", "target",
+                         "--max-new-tokens", 4, "--out", tmp_path / "out")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert "exceeds the base model's max_position_embeddings of 2048" in lines[0] and "--max-new-tokens" in lines[0]
+
+
 def test_txt_dataset_has_no_fields(tmp_path):
     (tmp_path / "p.txt").write_text("one\ntwo\n")
     with pytest.raises(UsageError, match="--label-field cannot apply"):
