@@ -433,25 +433,6 @@ def test_scan_layers_flag_decodes_the_same_tokens(chat_pair, capsys, monkeypatch
     assert sum(r["spikes"] for r in outputs[0]) > 0  # the expert steered, so both models ran
 
 
-@pytest.fixture(scope="module")
-def chat_adapter(chat_pair, tmp_path_factory):
-    """A rank-2 LoRA adapter over the chat pair's base (adapter.json and adapter.safetensors only,
-    no tokenizer files, as `python -m ngsd_jax.train` keeps it); read-only."""
-    from flax import nnx
-
-    from ngsd_jax.checkpoints.adapter import extract_adapter, save_adapter
-    from ngsd_jax.models.lora import apply_lora
-
-    model = load_model(chat_pair[0])
-    apply_lora(model, rank=2, alpha=4.0, targets=("q_proj", "v_proj"), seed=1)
-    for _, node in nnx.iter_graph(model):
-        if hasattr(node, "lora_b"):
-            node.lora_b.set_value(np.full(node.lora_b.shape, 0.05, np.float32))
-    path = tmp_path_factory.mktemp("chat_adapter") / "adapter"
-    save_adapter(extract_adapter(model), path)
-    return path
-
-
 def _tensors(path):
     from safetensors.numpy import load_file
 

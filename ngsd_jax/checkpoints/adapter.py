@@ -154,13 +154,26 @@ def load_adapter(directory: str | Path) -> LoRAAdapter:
     return LoRAAdapter(rank, alpha, weights, meta["base_config"], meta["base_fingerprint"])
 
 
-def adapter_mismatch(adapter: LoRAAdapter, base: Decoder, base_name: str) -> str | None:
-    """One line saying why `adapter` does not belong to `base`, or None when it does."""
+def adapter_mismatch(adapter: LoRAAdapter, base: Decoder, base_name: str,
+                     base_fingerprint: str | None = None) -> str | None:
+    """One line saying why `adapter` does not belong to `base` (whose `weights_fingerprint`, when
+    already known, is `base_fingerprint`), or None when it does."""
     if adapter.base_config != base.config.to_hf_dict():
         return (f"the expert adapter was trained on a different model than the base {base_name} (their configs "
                 f"differ); pass the --base it was trained on, or a merged expert checkpoint")
-    if adapter.base_fingerprint != weights_fingerprint(base):
+    base_fingerprint = base_fingerprint or weights_fingerprint(base)
+    if adapter.base_fingerprint != base_fingerprint:
         return (f"the expert adapter was trained on different weights than the base {base_name} (fingerprint "
-                f"{adapter.base_fingerprint}, the base's {weights_fingerprint(base)}); pass the --base it was "
+                f"{adapter.base_fingerprint}, the base's {base_fingerprint}); pass the --base it was "
                 f"trained on, or a merged expert checkpoint")
     return None
+
+
+def adapter_fingerprint(adapter: LoRAAdapter) -> str:
+    """A hash of everything an adapter expert computes with: the fingerprint of the weights it
+    adapts, its rank and alpha, and every one of its arrays whole."""
+    digest = hashlib.sha256(f"{adapter.base_fingerprint};{adapter.rank};{adapter.alpha};".encode())
+    for (layer, name), (a, b) in sorted(adapter.weights.items()):
+        digest.update(f"{layer}.{name}:{a.shape}{b.shape};".encode())
+        digest.update(np.ascontiguousarray(a, np.float32).tobytes() + np.ascontiguousarray(b, np.float32).tobytes())
+    return digest.hexdigest()[:32]

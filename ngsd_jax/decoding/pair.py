@@ -9,7 +9,14 @@ import math
 
 import jax.numpy as jnp
 
-from ngsd_jax.checkpoints.adapter import ADAPTER_SUBDIR, adapter_mismatch, is_adapter, load_adapter
+from ngsd_jax.checkpoints.adapter import (
+    ADAPTER_SUBDIR,
+    adapter_fingerprint,
+    adapter_mismatch,
+    is_adapter,
+    load_adapter,
+    weights_fingerprint,
+)
 from ngsd_jax.checkpoints.default_model import default_base_path, default_expert_path
 from ngsd_jax.checkpoints.resolve import resolve_checkpoint
 from ngsd_jax.checkpoints.tokenizer import compare_vocabularies, encode_chat, load_tokenizer, stop_token_ids
@@ -23,6 +30,7 @@ from ngsd_jax.decoding.reflect import reflect
 from ngsd_jax.decoding.risk import AlphaMapping, ExpertRisk, expert_reflection, opening_token_sequences, opening_trie
 from ngsd_jax.decoding.settings import DecodeSettings
 from ngsd_jax.errors import UsageError
+from ngsd_jax.models.lora import LoRAAdapter
 from ngsd_jax.parallel.memory import DeviceOptions, decode_plan, plan_mesh
 from ngsd_jax.parallel.sharding import make_mesh
 
@@ -163,11 +171,24 @@ def _check_context(configs: dict, lengths: list[int], max_new_tokens: int) -> No
 
 @dataclasses.dataclass
 class LoadedPair:
-    """The engine over the models some modes need, with the tokenizers that encode its prompts."""
+    """The engine over the models some modes need, with the tokenizers that encode its prompts.
+    `models`: by role, what the engine runs (a Decoder; for an adapter expert, its LoRAAdapter)."""
 
     engine: Engine
     base_tokenizer: object
     expert_tokenizer: object | None
+    models: dict = dataclasses.field(default_factory=dict, repr=False)
+    _fingerprints: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def fingerprints(self) -> dict[str, str]:
+        """By role, a fingerprint of the weights the pair runs (an adapter expert's: of the base it
+        adapts and of its own arrays), computed once, on first asking: what tells a model retrained
+        at the same path from the one a run started with."""
+        for role, model in self.models.items():
+            if role not in self._fingerprints:
+                self._fingerprints[role] = (adapter_fingerprint(model) if isinstance(model, LoRAAdapter)
+                                            else weights_fingerprint(model))
+        return dict(self._fingerprints)
 
 
 def load_pair(options: DecodeOptions, modes, prompts: list[str], prefill: str = "") -> LoadedPair:
@@ -205,15 +226,18 @@ def load_pair(options: DecodeOptions, modes, prompts: list[str], prefill: str = 
     mesh = plan_devices(options, models, dtype, min(options.batch_size, len(prompts)), widest)
     base = load_model(base_path, dtype, mesh) if uses_base else None
     expert = load_model(expert_path, dtype, mesh, options.expert_placement) if uses_expert_model else None
+    fingerprints = {}
     if adapter is not None:
-        mismatch = adapter_mismatch(adapter, base, base_path)
+        fingerprints["base"] = weights_fingerprint(base)
+        mismatch = adapter_mismatch(adapter, base, base_path, fingerprints["base"])
         if mismatch:
             raise UsageError(f"{expert_path}: {mismatch}")
     engine = Engine(base, expert, mesh=mesh, vocab_size=vocab_size, adapter=adapter, scan_layers=options.scan_layers,
                     stop_ids=stop_token_ids(base_tok, (base or expert).config, options.chat_template),
                     pad_id=base_tok.pad_token_id or 0,
                     early_stop_tables=early_stop_tables(base_tok, vocab_size) if options.early_stop else None)
-    return LoadedPair(engine, base_tok, expert_tok)
+    running = {role: model for role, model in (("base", base), ("expert", adapter or expert)) if model is not None}
+    return LoadedPair(engine, base_tok, expert_tok, running, fingerprints)
 
 
 def plan_devices(options: DecodeOptions, models, dtype, batch: int, widest_prompt: int):

@@ -137,16 +137,37 @@ def _run_fingerprint(opts: EvalOptions, conditions, judge_name) -> dict:
             }
 
 
-def _prepare_out_dir(opts: EvalOptions, fingerprint) -> list[dict]:
+def _check_out_dir(opts: EvalOptions, fingerprint) -> dict | None:
+    """Refuses an --out that holds another run (before any model loads); the run.json of the run
+    --resume continues, or None."""
     samples_path, run_path = opts.out / "samples.jsonl", opts.out / "run.json"
     if samples_path.exists() and not opts.resume:
         raise UsageError(f"{samples_path} exists: pass --resume to continue that run, or choose another --out")
-    if opts.resume and run_path.is_file():
-        previous = json.loads(run_path.read_text(encoding="utf-8"))
-        changed = [k for k in fingerprint if previous.get(k) != fingerprint[k]]
-        if changed:
-            raise UsageError(f"--resume: {opts.out} was run with other settings ({changed[0]} differs); "
-                             f"rerun those settings or choose another --out")
+    if not (opts.resume and run_path.is_file()):
+        return None
+    previous = json.loads(run_path.read_text(encoding="utf-8"))
+    changed = [k for k in fingerprint if previous.get(k) != fingerprint[k]]
+    if changed:
+        raise UsageError(f"--resume: {opts.out} was run with other settings ({changed[0]} differs); "
+                         f"rerun those settings or choose another --out")
+    return previous
+
+
+def _check_weights(opts: EvalOptions, previous: dict | None, weights: dict) -> None:
+    """Refuses to resume a run whose models have other weights now (retrained at the same path),
+    which would mix two models' answers in one results.json."""
+    if previous is None:
+        return
+    before = previous.get("weights") or {}
+    changed = [role for role in weights if before.get(role) != weights[role]]
+    if changed:
+        raise UsageError(f"--resume: the {' and '.join(changed)} weights differ from those {opts.out} was run with "
+                         f"(retrained or replaced at the same path?); rerun with another --out")
+
+
+def _prepare_out_dir(opts: EvalOptions, fingerprint) -> list[dict]:
+    """Writes run.json (the settings and weights the samples come from); the samples already there."""
+    samples_path, run_path = opts.out / "samples.jsonl", opts.out / "run.json"
     if distributed.is_primary():
         opts.out.mkdir(parents=True, exist_ok=True)
         run_path.write_text(json.dumps(fingerprint, indent=1), encoding="utf-8")
@@ -172,10 +193,13 @@ def evaluate(opts: EvalOptions) -> int:
     # Every process decodes every batch (one SPMD program) and judges its rows; process 0 alone
     # writes. A --resume reads the samples back on every process, so --out must then be shared.
     primary = distributed.is_primary()
-    samples = _prepare_out_dir(opts, _run_fingerprint(opts, conditions, judge_name))
-    samples_path = opts.out / "samples.jsonl"
-
+    fingerprint = _run_fingerprint(opts, conditions, judge_name)
+    previous = _check_out_dir(opts, fingerprint)  # other settings: refused before any model loads
     pair = load_pair(options, [c.mode for c in conditions], [i.prompt for i in items])
+    fingerprint["weights"] = pair.fingerprints()
+    _check_weights(opts, previous, fingerprint["weights"])
+    samples = _prepare_out_dir(opts, fingerprint)
+    samples_path = opts.out / "samples.jsonl"
     tokenizer = pair.base_tokenizer
     prefill_ids = {i.index: tokenizer.encode(i.prefill, add_special_tokens=False)[: opts.prefill_tokens]
                    for i in items if i.prefill}

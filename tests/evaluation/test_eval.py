@@ -484,3 +484,38 @@ def test_resume_after_a_killed_run_gives_the_same_results(chat_pair, dataset, tm
 
     code, _, err = _eval(capsys, *common[:-2], "--batch-size", 3, "--out", tmp_path / "resumed", "--resume")
     assert code == 2 and "other settings" in err
+
+
+@pytest.mark.parametrize("replaced", ["expert", "adapter expert", "base"])
+def test_resume_refuses_a_model_retrained_at_the_same_path(chat_pair, chat_adapter, dataset, tmp_path, capsys,
+                                                           monkeypatch, replaced):
+    import shutil
+
+    from conftest import chat_checkpoint
+    from safetensors.numpy import load_file, save_file
+
+    base, expert = tmp_path / "base", tmp_path / ("adapter" if replaced == "adapter expert" else "expert")
+    shutil.copytree(chat_pair[0], base)
+    shutil.copytree(chat_adapter if replaced == "adapter expert" else chat_pair[1], expert)
+    out = tmp_path / "out"
+    common = ["--dataset", dataset, "--base", base, "--expert", expert, "--modes", "ngsd", "--reflect", "off",
+              "--max-new-tokens", 2, "--limit", 1, "--out", out]
+    code, _, err = _eval(capsys, *common)
+    assert code == 0, err
+    assert set(json.loads((out / "run.json").read_text())["weights"]) == {"base", "expert"}
+    if replaced == "adapter expert":  # retrained: other arrays, the same base
+        tensors = load_file(str(expert / "adapter.safetensors"))
+        save_file({k: v * 2 for k, v in tensors.items()}, str(expert / "adapter.safetensors"))
+    else:  # retrained from another start: same architecture and tokenizer, other weights
+        shutil.rmtree(tmp_path / replaced)
+        chat_checkpoint(tmp_path / replaced, chat_tokenizer(), seed=2)
+    capsys.readouterr()
+    code, _, err = _eval(capsys, *common, "--resume")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    role = "base" if replaced == "base" else "expert"
+    assert f"--resume: the {role} weights differ" in lines[0] and "another --out" in lines[0], err
+    # Other settings are still refused before any model loads.
+    monkeypatch.setattr(runner, "load_pair", lambda *a, **k: pytest.fail("models loaded"))
+    code, _, err = _eval(capsys, *common[:-2], "--max-new-tokens", 3, "--out", out, "--resume")
+    assert code == 2 and "other settings" in err, err
