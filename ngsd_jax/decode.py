@@ -44,8 +44,11 @@ def main(argv=None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ngsd_jax.decoding.prompts import read_prompts
+    from ngsd_jax.decoding.prompts import check_utf8, read_prompts
 
+    for prompt in args.prompt:
+        check_utf8(prompt, "--prompt")
+    check_utf8(args.prefill, "--prefill")
     prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
     if not prompts:
         raise UsageError("no prompts: give --prompt TEXT or --prompts-file FILE")

@@ -24,6 +24,19 @@ def replace_path(staging: Path, target: Path) -> None:
         shutil.rmtree(aside) if aside.is_dir() else aside.unlink()
 
 
+def directory_problem(directory: Path, flag: str) -> str | None:
+    """Why the directory a `flag` names cannot be used or created (a file in its place, or in
+    place of one of its parents), as one line naming the flag; None when it can."""
+    directory = Path(directory)
+    for path in (directory, *directory.absolute().parents):
+        if path.exists() or path.is_symlink():
+            if path.is_dir():
+                return None
+            where = "" if path == directory else f": {path}"
+            return f"{flag} {directory}{where} is a file, not a directory; give a directory"
+    return None
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Replaces `path` by `text` in one rename."""
     path = Path(path)

@@ -11,8 +11,9 @@ eval mode, as the oracle.
 
 `chat_pair` is a tiny random Llama base and expert (seeds 0 and 1) with a small byte-level BPE
 chat tokenizer (`chat_tokenizer`, ChatML), as local Hugging Face directories, for the decode
-and eval CLIs; `tokenizer`, `tiny_checkpoint` and `data_file` are the tiny model and
-prompt/response records the training tests fine-tune on; `final_params(checkpoint)` reads
+and eval CLIs, and `chat_adapter` a LoRA adapter expert over that base; `tokenizer`,
+`tiny_checkpoint` and `data_file` are the tiny model and prompt/response records the
+training tests fine-tune on; `final_params(checkpoint)` reads
 a trained checkpoint's weights back.
 
 `offline_hub` points the Hugging Face cache at a temporary directory, sets offline mode,
@@ -232,6 +233,24 @@ def chat_pair(tmp_path_factory):
     base = chat_checkpoint(tmp_path_factory.mktemp("chat_base"), tok, 0)
     expert = chat_checkpoint(tmp_path_factory.mktemp("chat_expert"), tok, 1)
     return str(base), str(expert)
+
+
+@pytest.fixture(scope="session")
+def chat_adapter(chat_pair, tmp_path_factory):
+    """A rank-2 LoRA adapter over the chat pair's base (adapter.json and adapter.safetensors only,
+    no tokenizer files, as `python -m ngsd_jax.train` keeps it); read-only."""
+    from ngsd_jax.checkpoints.adapter import extract_adapter, save_adapter
+    from ngsd_jax.checkpoints.weights import load_model
+    from ngsd_jax.models.lora import apply_lora
+
+    model = load_model(chat_pair[0])
+    apply_lora(model, rank=2, alpha=4.0, targets=("q_proj", "v_proj"), seed=1)
+    for _, node in nnx.iter_graph(model):
+        if hasattr(node, "lora_b"):
+            node.lora_b.set_value(np.full(node.lora_b.shape, 0.05, np.float32))
+    path = tmp_path_factory.mktemp("chat_adapter") / "adapter"
+    save_adapter(extract_adapter(model), path)
+    return path
 
 
 # --- a tiny model and records for the training tests ---------------------------------------

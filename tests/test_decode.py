@@ -343,6 +343,52 @@ def test_bad_settings_fail_in_one_line(chat_pair, capsys, flags, message):
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
 
 
+@pytest.mark.parametrize("flags, message", [
+    (("--temperature", "inf"), "--temperature must be a finite number (got inf)"),
+    (("--top-p", "nan"), "--top-p must be a finite number"),
+    (("--tau", "inf"), "--tau must be a finite number"),
+    (("--threshold", "inf"), "--threshold must be a finite number"),
+    (("--safedecoding-alpha", "inf"), "--safedecoding-alpha must be a finite number"),
+    (("--alpha", "nan"), "--alpha must be a finite number"),
+    (("--alpha-levels", "0.1,nan,0.9"), "--alpha-levels must be a finite number"),
+    (("--risk-thresholds", "5,inf"), "--risk-thresholds must be a finite number"),
+    # Bytes that are not UTF-8 reach argv as lone surrogates (surrogateescape), as $'\xff' does.
+    (("--prompt", "caf\udce9"), "--prompt: not valid UTF-8 text"),
+    (("--prefill", "\udcff"), "--prefill: not valid UTF-8 text"),
+    (("--system-prompt", "\udcff"), "--system-prompt: not valid UTF-8 text"),
+    (("--prompts-file", "{tmp}/latin1.txt"), "latin1.txt: not UTF-8 text (byte 0xe9 at offset 3)"),
+    (("--prompts-file", "{tmp}/escaped.jsonl"), "escaped.jsonl: item 2: not valid UTF-8 text"),
+])
+def test_non_finite_numbers_and_non_utf8_text_fail_in_one_line(chat_pair, capsys, tmp_path, flags, message):
+    (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))
+    (tmp_path / "escaped.jsonl").write_text('"fine"\n"\\udcff"\n')
+    base, expert = chat_pair
+    code, out, err = _run(capsys, "--base", base, "--expert", expert, "--prompt", "hi",
+                          *[f.format(tmp=tmp_path) for f in flags])
+    lines = err.strip().splitlines()
+    assert code == 2 and out == ""
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+
+
+@pytest.mark.parametrize("flags, words", [
+    (("--max-new-tokens", "2100"), ["prompt 1 is", "--max-new-tokens 2100", "max_position_embeddings of 2048",
+                                    "lower --max-new-tokens to"]),
+    (("--prompt", "x" * 2100), ["prompt 2 is", "shorten that prompt to under 2048 tokens"]),
+    (("--mode", "base", "--prompt", "x" * 1990, "--max-new-tokens", "64"), ["prompt 2 is", "the base model's",
+                                                                           "lower --max-new-tokens to"]),
+])
+def test_a_prompt_and_new_tokens_past_the_context_are_refused_before_loading(chat_pair, capsys, monkeypatch, flags,
+                                                                             words):
+    from ngsd_jax.decoding import pair
+
+    monkeypatch.setattr(pair, "load_model", lambda *a, **k: pytest.fail("weights read"))
+    base, expert = chat_pair  # LlamaConfig's default max_position_embeddings: 2048
+    code, out, err = _run(capsys, "--base", base, "--expert", expert, "--prompt", "hi", *flags)
+    lines = err.strip().splitlines()
+    assert code == 2 and out == "" and len(lines) == 1, err
+    assert all(w in lines[0] for w in words), err
+
+
 def test_merge_top_k_past_the_vocabulary_merges_every_token(chat_pair, capsys):
     base, expert = chat_pair
     outputs = []
@@ -446,3 +492,86 @@ def test_scan_layers_flag_decodes_the_same_tokens(chat_pair, capsys, monkeypatch
     assert [r["tokens"] for r in outputs[1]] == [r["tokens"] for r in outputs[0]]
     assert len(stacked) == 2 and all(model.scanned for model in stacked)  # base and expert, with the flag only
     assert sum(r["spikes"] for r in outputs[0]) > 0  # the expert steered, so both models ran
+
+
+def _tensors(path):
+    from safetensors.numpy import load_file
+
+    return load_file(str(path / "adapter.safetensors"))
+
+
+def _save_tensors(path, tensors):
+    from safetensors.numpy import save_file
+
+    save_file(tensors, str(path / "adapter.safetensors"))
+
+
+def _edit_json(path, **changes):
+    meta = json.loads((path / "adapter.json").read_text())
+    (path / "adapter.json").write_text(json.dumps({**meta, **changes}))
+
+
+def _truncate(path):
+    weights = path / "adapter.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+
+
+def _rename(tensors, old, new):
+    return {k.replace(old, new): v for k, v in tensors.items()}
+
+
+CORRUPTIONS = {
+    "truncated weights": _truncate,
+    "missing weights": lambda p: (p / "adapter.safetensors").unlink(),
+    "a without b": lambda p: _save_tensors(p, {k: v for k, v in _tensors(p).items()
+                                               if k != "layers.1.v_proj.lora_b"}),
+    "rank mismatch": lambda p: _edit_json(p, rank=3),
+    "unknown projection": lambda p: _save_tensors(p, _rename(_tensors(p), "v_proj", "x_proj")),
+    "bad JSON": lambda p: (p / "adapter.json").write_text('{"format": "ngsd-jax-lora-1", "rank": '),
+    "missing field": lambda p: _edit_json(p, base_fingerprint=None),
+    "non-finite weights": lambda p: _save_tensors(p, {k: v * np.inf for k, v in _tensors(p).items()}),
+}
+
+
+@pytest.mark.parametrize("corruption, file, words", [
+    ("truncated weights", "adapter.safetensors", "unreadable"),
+    ("missing weights", "adapter.safetensors", "missing"),
+    ("a without b", "adapter.safetensors", "layers.1.v_proj has lora_a without lora_b"),
+    ("rank mismatch", "adapter.safetensors", "not rank 3 as adapter.json says"),
+    ("unknown projection", "adapter.safetensors", "unexpected tensor 'layers.0.x_proj.lora_a'"),
+    ("bad JSON", "adapter.json", "not JSON"),
+    ("missing field", "adapter.json", "'base_fingerprint' is missing"),
+    ("non-finite weights", "adapter.safetensors", "non-finite"),
+])
+def test_a_corrupt_adapter_is_one_line_naming_its_file(chat_pair, chat_adapter, tmp_path, capsys, corruption, file,
+                                                      words):
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(chat_adapter, adapter)
+    CORRUPTIONS[corruption](adapter)
+    code, out, err = _run(capsys, "--base", chat_pair[0], "--expert", str(adapter), "--prompt", "hi", "--mode",
+                          "always", "--reflect", "off", "--max-new-tokens", "2")
+    lines = err.strip().splitlines()
+    assert code == 2 and out == "" and len(lines) == 1, err
+    assert lines[0].startswith(f"error: {adapter / file}: ") and words in lines[0], err
+    assert "retrain the expert" in lines[0]
+
+
+@pytest.mark.parametrize("corrupt", [False, True])
+def test_modes_without_the_expert_read_nothing_of_an_adapter_expert(chat_pair, chat_adapter, tmp_path, capsys,
+                                                                     corrupt):
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(chat_adapter, adapter)
+    if corrupt:
+        CORRUPTIONS["bad JSON"](adapter)
+    args = ["--base", chat_pair[0], "--expert", str(adapter), "--prompt", PROMPTS[0], "--max-new-tokens", "4",
+            "--json"]
+    code, out, err = _run(capsys, *args, "--mode", "base")
+    assert code == 0, err
+    assert len(json.loads(out)["tokens"]) >= 1
+    if not corrupt:  # and the adapter is a working expert where the mode runs it
+        code, _, err = _run(capsys, *args, "--mode", "always", "--reflect", "off")
+        assert code == 0, err

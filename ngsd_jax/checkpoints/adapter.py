@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from pathlib import Path
 
 import jax
@@ -18,8 +20,9 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+from ngsd_jax.checkpoints.weights import CheckpointError
 from ngsd_jax.models.decoder import Decoder
-from ngsd_jax.models.lora import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, LoRAAdapter, LoRALinear
+from ngsd_jax.models.lora import ALL_LINEAR, ATTENTION_PROJECTIONS, MLP_PROJECTIONS, LoRAAdapter, LoRALinear
 from ngsd_jax.parallel import sharding as sh
 
 ADAPTER_SUBDIR = "adapter"  # where `python -m ngsd_jax.train` keeps it, inside the merged expert's checkpoint
@@ -93,28 +96,84 @@ def is_adapter(directory: str | Path) -> bool:
 
 
 def load_adapter(directory: str | Path) -> LoRAAdapter:
+    """The adapter in `directory`, checked whole: a corrupt or inconsistent one is a CheckpointError
+    naming the file, never a traceback or an expert that decodes wrongly."""
     directory = Path(directory)
-    meta = json.loads((directory / ADAPTER_CONFIG).read_text())
-    if meta.get("format") != ADAPTER_FORMAT:
-        raise ValueError(f"{directory}: not an ngsd-jax LoRA adapter (format {meta.get('format')!r}, "
-                         f"expected {ADAPTER_FORMAT!r}); train it again with python -m ngsd_jax.train")
-    tensors = load_file(str(directory / ADAPTER_WEIGHTS))
+    config_path, weights_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
+    fix = "retrain the expert (python -m ngsd_jax.train) or re-export its adapter"
+
+    def refuse(path: Path, problem: str):
+        raise CheckpointError(f"{path}: {problem}; {fix}")
+
+    try:
+        meta = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        refuse(config_path, f"cannot be read ({err})")
+    except json.JSONDecodeError as err:
+        refuse(config_path, f"not JSON ({err.msg} at line {err.lineno})")
+    if not isinstance(meta, dict) or meta.get("format") != ADAPTER_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        refuse(config_path, f"not an ngsd-jax LoRA adapter (format {found!r}, expected {ADAPTER_FORMAT!r})")
+    kinds = {"rank": int, "alpha": (int, float), "base_config": dict, "base_fingerprint": str}
+    for key, kind in kinds.items():
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            refuse(config_path, f"'{key}' is missing or not {getattr(kind, '__name__', 'a number')}")
+    rank, alpha = meta["rank"], float(meta["alpha"])
+    if rank < 1 or not (math.isfinite(alpha) and alpha > 0):
+        refuse(config_path, f"rank {rank} and alpha {alpha} must be >= 1 and a positive number")
+    if not weights_path.is_file():
+        refuse(weights_path, "missing")
+    try:
+        tensors = load_file(str(weights_path))
+    except Exception as err:  # a truncated or overwritten file: safetensors' own error type
+        refuse(weights_path, f"unreadable ({' '.join(str(err).split())[:120]})")
+    pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+    for key, array in tensors.items():
+        match = re.fullmatch(r"layers\.(\d+)\.(\w+)\.lora_([ab])", key)
+        if match is None or match[2] not in ALL_LINEAR:
+            refuse(weights_path, f"unexpected tensor '{key}' (expected layers.N.PROJECTION.lora_a/lora_b, with "
+                                 f"PROJECTION one of {', '.join(ALL_LINEAR)})")
+        pairs.setdefault((int(match[1]), match[2]), {})[match[3]] = array
+    if not pairs:
+        refuse(weights_path, "holds no adapter tensors")
+    layers = meta["base_config"].get("num_hidden_layers")
     weights = {}
-    for key, a in tensors.items():
-        if key.endswith(".lora_a"):
-            _, layer, name, _ = key.split(".")
-            weights[(int(layer), name)] = (a, tensors[key[: -len("lora_a")] + "lora_b"])
-    return LoRAAdapter(int(meta["rank"]), float(meta["alpha"]), weights, meta["base_config"],
-                       meta["base_fingerprint"])
+    for (layer, name), found in sorted(pairs.items()):
+        where = f"layers.{layer}.{name}"
+        if set(found) != {"a", "b"}:
+            refuse(weights_path, f"{where} has lora_{next(iter(found))} without lora_{'b' if 'a' in found else 'a'}")
+        a, b = found["a"], found["b"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != rank or b.shape[0] != rank:
+            refuse(weights_path, f"{where} has lora_a {a.shape} and lora_b {b.shape}, not rank {rank} as "
+                                 f"{ADAPTER_CONFIG} says ([in, {rank}] and [{rank}, out])")
+        if isinstance(layers, int) and layer >= layers:
+            refuse(weights_path, f"{where} adapts layer {layer} of a {layers}-layer base")
+        if not (np.issubdtype(a.dtype, np.floating) and np.isfinite(a).all() and np.isfinite(b).all()):
+            refuse(weights_path, f"{where} holds non-finite or non-float values")
+        weights[(layer, name)] = (a, b)
+    return LoRAAdapter(rank, alpha, weights, meta["base_config"], meta["base_fingerprint"])
 
 
-def adapter_mismatch(adapter: LoRAAdapter, base: Decoder, base_name: str) -> str | None:
-    """One line saying why `adapter` does not belong to `base`, or None when it does."""
+def adapter_mismatch(adapter: LoRAAdapter, base: Decoder, base_name: str,
+                     base_fingerprint: str | None = None) -> str | None:
+    """One line saying why `adapter` does not belong to `base` (whose `weights_fingerprint`, when
+    already known, is `base_fingerprint`), or None when it does."""
     if adapter.base_config != base.config.to_hf_dict():
         return (f"the expert adapter was trained on a different model than the base {base_name} (their configs "
                 f"differ); pass the --base it was trained on, or a merged expert checkpoint")
-    if adapter.base_fingerprint != weights_fingerprint(base):
+    base_fingerprint = base_fingerprint or weights_fingerprint(base)
+    if adapter.base_fingerprint != base_fingerprint:
         return (f"the expert adapter was trained on different weights than the base {base_name} (fingerprint "
-                f"{adapter.base_fingerprint}, the base's {weights_fingerprint(base)}); pass the --base it was "
+                f"{adapter.base_fingerprint}, the base's {base_fingerprint}); pass the --base it was "
                 f"trained on, or a merged expert checkpoint")
     return None
+
+
+def adapter_fingerprint(adapter: LoRAAdapter) -> str:
+    """A hash of everything an adapter expert computes with: the fingerprint of the weights it
+    adapts, its rank and alpha, and every one of its arrays whole."""
+    digest = hashlib.sha256(f"{adapter.base_fingerprint};{adapter.rank};{adapter.alpha};".encode())
+    for (layer, name), (a, b) in sorted(adapter.weights.items()):
+        digest.update(f"{layer}.{name}:{a.shape}{b.shape};".encode())
+        digest.update(np.ascontiguousarray(a, np.float32).tobytes() + np.ascontiguousarray(b, np.float32).tobytes())
+    return digest.hexdigest()[:32]

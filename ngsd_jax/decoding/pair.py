@@ -5,10 +5,18 @@ memory plan chooses, and one batch through reflection, encoding and the engine."
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax.numpy as jnp
 
-from ngsd_jax.checkpoints.adapter import ADAPTER_SUBDIR, adapter_mismatch, is_adapter, load_adapter
+from ngsd_jax.checkpoints.adapter import (
+    ADAPTER_SUBDIR,
+    adapter_fingerprint,
+    adapter_mismatch,
+    is_adapter,
+    load_adapter,
+    weights_fingerprint,
+)
 from ngsd_jax.checkpoints.default_model import default_base_path, default_expert_path
 from ngsd_jax.checkpoints.resolve import resolve_checkpoint
 from ngsd_jax.checkpoints.tokenizer import compare_vocabularies, encode_chat, load_tokenizer, stop_token_ids
@@ -17,10 +25,12 @@ from ngsd_jax.decoding.batching import bucket_batch, bucket_length
 from ngsd_jax.decoding.early_stop import early_stop_tables
 from ngsd_jax.decoding.engine import Engine
 from ngsd_jax.decoding.gate import GateConfig, gate_problem
+from ngsd_jax.decoding.prompts import check_utf8
 from ngsd_jax.decoding.reflect import reflect
 from ngsd_jax.decoding.risk import AlphaMapping, ExpertRisk, expert_reflection, opening_token_sequences, opening_trie
 from ngsd_jax.decoding.settings import DecodeSettings
 from ngsd_jax.errors import UsageError
+from ngsd_jax.models.lora import LoRAAdapter
 from ngsd_jax.parallel.memory import DeviceOptions, decode_plan, plan_mesh
 from ngsd_jax.parallel.sharding import make_mesh
 
@@ -80,6 +90,14 @@ GATE_FLAGS = {"tau": "--tau", "threshold": "--threshold", "soft_reset": "--soft-
 def check_options(options: DecodeOptions) -> None:
     """Refuses settings that would fail or run meaninglessly, before any model is read; each
     refusal is one line naming the flag."""
+    for field in dataclasses.fields(DecodeOptions):
+        value = getattr(options, field.name)
+        flag = "--" + field.name.replace("_", "-")
+        values = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise UsageError(f"{flag} must be a finite number (got {value if len(values) > 1 else values[0]})")
+        if isinstance(value, str) and field.name not in ("base", "expert"):  # paths may be any bytes
+            check_utf8(value, flag)
     gate = {field: getattr(options, "merge_top_k" if field == "top_k" else field) for field in GATE_FLAGS}
     problem = gate_problem(gate, GATE_FLAGS)
     checks = [
@@ -137,13 +155,40 @@ def _distribution_size(softmax_over: str, tokenizer_size: int, configs: dict) ->
     return next(iter(rows.values()))
 
 
+def _check_context(configs: dict, lengths: list[int], max_new_tokens: int) -> None:
+    """Refuses a prompt (`lengths`: each prompt's tokens in its chat format) that with the new tokens
+    would run past the positions of a model in use (`configs` by role), before any weights are read."""
+    widest = max(lengths)
+    for name, config in configs.items():
+        limit = config.max_position_embeddings
+        if widest + max_new_tokens > limit:
+            fix = (f"lower --max-new-tokens to {limit - widest} or shorten that prompt" if widest < limit
+                   else f"shorten that prompt to under {limit} tokens")
+            raise UsageError(f"prompt {lengths.index(widest) + 1} is {widest} tokens in its chat format; with "
+                             f"--max-new-tokens {max_new_tokens} that runs past the {name} model's "
+                             f"max_position_embeddings of {limit}: {fix}")
+
+
 @dataclasses.dataclass
 class LoadedPair:
-    """The engine over the models some modes need, with the tokenizers that encode its prompts."""
+    """The engine over the models some modes need, with the tokenizers that encode its prompts.
+    `models`: by role, what the engine runs (a Decoder; for an adapter expert, its LoRAAdapter)."""
 
     engine: Engine
     base_tokenizer: object
     expert_tokenizer: object | None
+    models: dict = dataclasses.field(default_factory=dict, repr=False)
+    _fingerprints: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def fingerprints(self) -> dict[str, str]:
+        """By role, a fingerprint of the weights the pair runs (an adapter expert's: of the base it
+        adapts and of its own arrays), computed once, on first asking: what tells a model retrained
+        at the same path from the one a run started with."""
+        for role, model in self.models.items():
+            if role not in self._fingerprints:
+                self._fingerprints[role] = (adapter_fingerprint(model) if isinstance(model, LoRAAdapter)
+                                            else weights_fingerprint(model))
+        return dict(self._fingerprints)
 
 
 def load_pair(options: DecodeOptions, modes, prompts: list[str], prefill: str = "") -> LoadedPair:
@@ -154,37 +199,45 @@ def load_pair(options: DecodeOptions, modes, prompts: list[str], prefill: str = 
     # Tokenizers first: a mismatched pair is refused before any weights are read.
     base_tok = load_tokenizer(base_path)
     adapter = load_adapter(expert_path) if uses_expert and expert_path and is_adapter(expert_path) else None
-    # An adapter expert is the base plus a delta: it has the base's tokenizer.
-    expert_tok = base_tok if adapter is not None else load_tokenizer(expert_path) if expert_path else None
-    if uses_expert and expert_tok is not None:
+    # An adapter expert is the base plus a delta: it has the base's tokenizer. Modes that do not run
+    # the expert read nothing of it.
+    expert_tok = None
+    if uses_expert and expert_path:
+        expert_tok = base_tok if adapter is not None else load_tokenizer(expert_path)
+    if expert_tok is not None:
         mismatch = compare_vocabularies(base_tok, expert_tok)
         if mismatch:
             raise UsageError(mismatch)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[options.dtype]
     chats = [(base_tok, options.system_prompt, options.chat_template),
              (expert_tok, options.expert_system_prompt, options.expert_chat_template)]
-    widest = max(len(encode_chat(tok, p, system, template, prefill, thinking=options.thinking)) for p in prompts
-                 for tok, system, template in chats if tok is not None)
+    lengths = [max(len(encode_chat(tok, p, system, template, prefill, thinking=options.thinking))
+                   for tok, system, template in chats if tok is not None) for p in prompts]
+    widest = max(lengths)
     # An adapter's expert is the base's own weights plus a small delta: planned and loaded as the base.
     uses_base = uses_base or adapter is not None
     uses_expert_model = uses_expert and adapter is None
     models = [(name, path, placement) for name, path, placement, used in (
         ("base", base_path, "sharded", uses_base),
         ("expert", expert_path, options.expert_placement, uses_expert_model)) if used]
-    vocab_size = _distribution_size(options.softmax_over, len(base_tok),
-                                    {name: load_model_config(path) for name, path, _ in models})
+    configs = {name: load_model_config(path) for name, path, _ in models}
+    _check_context(configs, lengths, options.max_new_tokens)
+    vocab_size = _distribution_size(options.softmax_over, len(base_tok), configs)
     mesh = plan_devices(options, models, dtype, min(options.batch_size, len(prompts)), widest)
     base = load_model(base_path, dtype, mesh) if uses_base else None
     expert = load_model(expert_path, dtype, mesh, options.expert_placement) if uses_expert_model else None
+    fingerprints = {}
     if adapter is not None:
-        mismatch = adapter_mismatch(adapter, base, base_path)
+        fingerprints["base"] = weights_fingerprint(base)
+        mismatch = adapter_mismatch(adapter, base, base_path, fingerprints["base"])
         if mismatch:
             raise UsageError(f"{expert_path}: {mismatch}")
     engine = Engine(base, expert, mesh=mesh, vocab_size=vocab_size, adapter=adapter, scan_layers=options.scan_layers,
                     stop_ids=stop_token_ids(base_tok, (base or expert).config, options.chat_template),
                     pad_id=base_tok.pad_token_id or 0,
                     early_stop_tables=early_stop_tables(base_tok, vocab_size) if options.early_stop else None)
-    return LoadedPair(engine, base_tok, expert_tok)
+    running = {role: model for role, model in (("base", base), ("expert", adapter or expert)) if model is not None}
+    return LoadedPair(engine, base_tok, expert_tok, running, fingerprints)
 
 
 def plan_devices(options: DecodeOptions, models, dtype, batch: int, widest_prompt: int):

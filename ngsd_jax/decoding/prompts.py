@@ -14,13 +14,27 @@ PROMPT_FIELDS = ("prompt", "goal", "instruction", "question", "query", "request"
                  "text")
 
 
+def check_utf8(text: str, where) -> None:
+    """Refuses text that is not valid Unicode (a lone surrogate, as from command-line bytes that are
+    not UTF-8, or a JSON escape such as "\\udcff"), naming `where` (a flag, or a file and item)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise UsageError(f"{where}: not valid UTF-8 text (character {err.start + 1} is an undecodable byte or a "
+                         f"lone surrogate); give UTF-8 text") from None
+
+
 def read_records(path: Path) -> list:
     """The items of a prompts file: strings (.txt lines, bare JSON strings) or dicts (.csv rows, JSON objects).
 
     .txt holds one prompt per line, .jsonl one JSON value per line, .json a list of values."""
     if not path.is_file():
         raise UsageError(f"{path}: no such prompts file")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Excel's CSV export) is not text
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                         f"save it as UTF-8") from None
     suffix = path.suffix.lower()
     if suffix == ".txt":
         return [line.strip() for line in text.splitlines() if line.strip()]
@@ -73,4 +87,7 @@ def read_prompts(path: Path) -> list[str]:
         if field is None:
             raise UsageError(f"{path}: item {number} has no prompt field ({', '.join(PROMPT_FIELDS)})")
         prompts.append(item[field])
+    for number, prompt in enumerate(prompts, start=1):
+        if isinstance(prompt, str):
+            check_utf8(prompt, f"{path}: item {number}")  # a JSON escape may be a lone surrogate
     return prompts

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ngsd_jax.decoding.prompts import find_prompt_field, read_records
+from ngsd_jax.decoding.prompts import check_utf8, find_prompt_field, read_records
 from ngsd_jax.errors import UsageError
 
 
@@ -68,6 +68,9 @@ def read_dataset(path: Path, prompt_field: str | None = None, label_field: str |
         if not isinstance(prompt, str) or not prompt.strip():
             raise UsageError(f"{path}: item {number} has an empty or non-text prompt")
         prefill = "" if prefill_field is None else field(record, number, prefill_field, "--prefill-field")
+        for text in (prompt, prefill):
+            if isinstance(text, str):
+                check_utf8(text, f"{path}: item {number}")  # a JSON escape may be a lone surrogate
         items.append(EvalItem(
             index=number - 1, prompt=prompt,
             harmful=label_field is None or values[number - 1] == wanted,

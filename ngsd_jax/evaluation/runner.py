@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ from ngsd_jax.evaluation.dataset import read_dataset
 from ngsd_jax.evaluation.judges import exact_answer, keyword_verdicts, load_judge
 from ngsd_jax.evaluation.metrics import compute_results, first_difference
 from ngsd_jax.evaluation.report import report_table, write_outputs
-from ngsd_jax.files import jsonl_values, write_text_atomic
+from ngsd_jax.files import directory_problem, jsonl_values, write_text_atomic
 from ngsd_jax.parallel import distributed
 
 REFLECT_IN_SWEEP = "reflect"  # an --alpha-sweep entry meaning "alpha from --reflect", as decode sets it
@@ -92,9 +93,9 @@ def parse_conditions(modes_arg: str, sweep_arg: str | None, has_benign: bool) ->
             try:
                 value = float(entry)
             except ValueError:
-                value = -1.0
-            if not value >= 0:
-                raise UsageError(f"--alpha-sweep: '{entry}' is neither an alpha >= 0 nor '{REFLECT_IN_SWEEP}'")
+                value = math.nan
+            if not 0 <= value <= 1:  # NaN too
+                raise UsageError(f"--alpha-sweep: '{entry}' is neither an alpha in [0, 1] nor '{REFLECT_IN_SWEEP}'")
             sweep.append(value)
         if not sweep:
             raise UsageError("--alpha-sweep: give at least one alpha")
@@ -136,16 +137,37 @@ def _run_fingerprint(opts: EvalOptions, conditions, judge_name) -> dict:
             }
 
 
-def _prepare_out_dir(opts: EvalOptions, fingerprint) -> list[dict]:
+def _check_out_dir(opts: EvalOptions, fingerprint) -> dict | None:
+    """Refuses an --out that holds another run (before any model loads); the run.json of the run
+    --resume continues, or None."""
     samples_path, run_path = opts.out / "samples.jsonl", opts.out / "run.json"
     if samples_path.exists() and not opts.resume:
         raise UsageError(f"{samples_path} exists: pass --resume to continue that run, or choose another --out")
-    if opts.resume and run_path.is_file():
-        previous = json.loads(run_path.read_text(encoding="utf-8"))
-        changed = [k for k in fingerprint if previous.get(k) != fingerprint[k]]
-        if changed:
-            raise UsageError(f"--resume: {opts.out} was run with other settings ({changed[0]} differs); "
-                             f"rerun those settings or choose another --out")
+    if not (opts.resume and run_path.is_file()):
+        return None
+    previous = json.loads(run_path.read_text(encoding="utf-8"))
+    changed = [k for k in fingerprint if previous.get(k) != fingerprint[k]]
+    if changed:
+        raise UsageError(f"--resume: {opts.out} was run with other settings ({changed[0]} differs); "
+                         f"rerun those settings or choose another --out")
+    return previous
+
+
+def _check_weights(opts: EvalOptions, previous: dict | None, weights: dict) -> None:
+    """Refuses to resume a run whose models have other weights now (retrained at the same path),
+    which would mix two models' answers in one results.json."""
+    if previous is None:
+        return
+    before = previous.get("weights") or {}
+    changed = [role for role in weights if before.get(role) != weights[role]]
+    if changed:
+        raise UsageError(f"--resume: the {' and '.join(changed)} weights differ from those {opts.out} was run with "
+                         f"(retrained or replaced at the same path?); rerun with another --out")
+
+
+def _prepare_out_dir(opts: EvalOptions, fingerprint) -> list[dict]:
+    """Writes run.json (the settings and weights the samples come from); the samples already there."""
+    samples_path, run_path = opts.out / "samples.jsonl", opts.out / "run.json"
     if distributed.is_primary():
         opts.out.mkdir(parents=True, exist_ok=True)
         run_path.write_text(json.dumps(fingerprint, indent=1), encoding="utf-8")
@@ -158,6 +180,9 @@ def evaluate(opts: EvalOptions) -> int:
         raise UsageError("--prefill-tokens K needs --prefill-field and K >= 1")
     if opts.limit is not None and opts.limit < 1:
         raise UsageError("--limit must be >= 1")
+    problem = directory_problem(opts.out, "--out")
+    if problem:
+        raise UsageError(problem)
     items = read_dataset(opts.dataset, opts.prompt_field, opts.label_field, opts.harmful_label, opts.prefill_field,
                          opts.answer_field, opts.limit)
     conditions = parse_conditions(opts.modes, opts.alpha_sweep, any(not i.harmful for i in items))
@@ -168,10 +193,13 @@ def evaluate(opts: EvalOptions) -> int:
     # Every process decodes every batch (one SPMD program) and judges its rows; process 0 alone
     # writes. A --resume reads the samples back on every process, so --out must then be shared.
     primary = distributed.is_primary()
-    samples = _prepare_out_dir(opts, _run_fingerprint(opts, conditions, judge_name))
-    samples_path = opts.out / "samples.jsonl"
-
+    fingerprint = _run_fingerprint(opts, conditions, judge_name)
+    previous = _check_out_dir(opts, fingerprint)  # other settings: refused before any model loads
     pair = load_pair(options, [c.mode for c in conditions], [i.prompt for i in items])
+    fingerprint["weights"] = pair.fingerprints()
+    _check_weights(opts, previous, fingerprint["weights"])
+    samples = _prepare_out_dir(opts, fingerprint)
+    samples_path = opts.out / "samples.jsonl"
     tokenizer = pair.base_tokenizer
     prefill_ids = {i.index: tokenizer.encode(i.prefill, add_special_tokens=False)[: opts.prefill_tokens]
                    for i in items if i.prefill}

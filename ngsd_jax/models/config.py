@@ -62,7 +62,14 @@ class ModelConfig:
         return v * d + self.num_layers * per_layer + d + head
 
     def check_sequence_length(self, length: int, name: str = "this") -> None:
-        """Refuses lengths the decoder would run inexactly (it has no sliding-window attention)."""
+        """Refuses lengths the decoder would run inexactly: past the positions the model was made
+        for, or past a sliding window (the decoder has no sliding-window attention)."""
+        if length > self.max_position_embeddings:
+            raise ConfigError(
+                f"a sequence of {length} tokens (prompt + new tokens) exceeds the {name} model's "
+                f"max_position_embeddings of {self.max_position_embeddings}; shorten the prompt or lower "
+                f"the new-token budget (--max-new-tokens)"
+            )
         if self.sliding_window is not None and length > self.sliding_window:
             raise ConfigError(
                 f"a sequence of {length} tokens exceeds the {name} model's sliding window of "

@@ -4,6 +4,7 @@ metrics.jsonl, orbax checkpoints every few steps, Ctrl-C saving the state, and r
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -97,6 +98,13 @@ def train(recipe: Recipe, model, examples, run_dir: Path, pad_id: int, resume: b
             trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, initial_state, arrays,
                                                     capacity=capacities[batch.width])
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            diverged = _divergence(metrics)
+            if diverged:
+                bar.close()
+                again = " and --overwrite" if manager.latest_step() is not None else ""  # earlier steps were saved
+                manager.close()
+                raise UsageError(f"training diverged at step {step + 1}: {diverged}; no expert was written: rerun "
+                                 f"with a lower --lr (now {recipe.learning_rate:g}){again}")
             metrics = {**loss_metrics(metrics), "weighted_loss": metrics["weighted_loss"],
                        "grad_norm": metrics["grad_norm"]}
             seconds = time.perf_counter() - tick
@@ -120,3 +128,14 @@ def train(recipe: Recipe, model, examples, run_dir: Path, pad_id: int, resume: b
     bar.close()
     manager.close()
     return nnx.merge(graph, trainable, frozen)
+
+
+def _divergence(metrics: dict) -> str | None:
+    """What went non-finite in a step (its loss, its gradients, or the weights after its update), else None."""
+    if not math.isfinite(metrics["weighted_loss"]):
+        return f"the loss is {metrics['weighted_loss']}"
+    if not math.isfinite(metrics["grad_norm"]):
+        return f"the gradient norm is {metrics['grad_norm']}"
+    if not metrics["weights_finite"]:
+        return "its update made weights non-finite"
+    return None

@@ -15,6 +15,7 @@ from ngsd_jax.checkpoints.tokenizer import compare_vocabularies, load_tokenizer,
 from ngsd_jax.checkpoints.weights import load_model
 from ngsd_jax.decoding.engine import Engine
 from ngsd_jax.errors import UsageError
+from ngsd_jax.files import directory_problem
 from ngsd_jax.parallel import distributed
 from ngsd_jax.parallel.memory import DeviceOptions
 from ngsd_jax.paths import checkpoints_dir
@@ -52,6 +53,10 @@ def train_expert(opts: TrainOptions) -> int:
     output = opts.output or checkpoints_dir() / recipe.name
     hf_output = None if not opts.hf_export else (opts.hf_output or checkpoints_dir() / f"{recipe.name}-hf")
     run_dir = (opts.run_dir or checkpoints_dir() / "runs" / recipe.name).absolute()
+    for directory, flag in ((run_dir, "--run-dir"), (output, "--output"), (hf_output, "--hf-output")):
+        problem = directory and directory_problem(directory, flag)
+        if problem:
+            raise UsageError(problem)
 
     distributed.initialize(opts.devices.multi_host)  # before any other jax call
     # Orbax writes each process's shards of the training state and of the expert into one directory.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 from ngsd_jax.errors import UsageError
@@ -19,6 +20,9 @@ DISTILL_LOSSES = ("kl", "tokens")
 DTYPES = ("float32", "bfloat16")
 # Recipe fields that change nothing about the trained weights; a resumed run may alter them.
 RESUMABLE_CHANGES = {"description", "checkpoint_every"}
+# The train CLI's own flags for recipe fields (every field also takes --set FIELD=VALUE).
+FIELD_FLAGS = {"learning_rate": "--lr", "epochs": "--epochs", "max_steps": "--max-steps", "batch_size": "--batch-size",
+               "grad_accum": "--grad-accum", "seed": "--seed"}
 
 
 @dataclasses.dataclass
@@ -78,6 +82,11 @@ class Recipe:
     checkpoint_every: int = 50  # micro-batches between training-state checkpoints
 
     def validate(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                flag = FIELD_FLAGS.get(field.name, f"--set {field.name}=VALUE")
+                raise UsageError(f"recipe: {field.name} must be a finite number (got {value}); set it with {flag}")
         checks = [
             (self.method in METHODS, f"method must be one of {', '.join(METHODS)}"),
             (self.decay in DECAYS, f"decay must be one of {', '.join(DECAYS)}"),

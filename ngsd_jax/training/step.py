@@ -112,7 +112,9 @@ def make_train_step(graph, optimizer, state_shardings=None):
                                                                             batch, capacity)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
-        return trainable, opt_state, {**sums, "weighted_loss": weighted, "grad_norm": optax.tree.norm(grads)}
+        finite = jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(trainable)]))
+        return trainable, opt_state, {**sums, "weighted_loss": weighted, "grad_norm": optax.tree.norm(grads),
+                                      "weights_finite": finite}
 
     out_shardings = None if state_shardings is None else (*state_shardings, None)
     return jax.jit(step, donate_argnums=(0, 1), static_argnames=("capacity",), out_shardings=out_shardings)

@@ -16,6 +16,7 @@ from ngsd_jax import eval as evaluate
 from ngsd_jax.checkpoints.tokenizer import encode_chat, stop_token_ids
 from ngsd_jax.checkpoints.weights import load_model
 from ngsd_jax.decoding.engine import Engine
+from ngsd_jax.decoding.prompts import read_prompts
 from ngsd_jax.decoding.settings import DecodeSettings
 from ngsd_jax.errors import UsageError
 from ngsd_jax.evaluation import runner
@@ -85,6 +86,18 @@ def test_every_format_gives_the_same_items(tmp_path):
                                                          for i, r in enumerate(ROWS)]
 
 
+@pytest.mark.parametrize("suffix, text", [("csv", "Goal,label\none,harmful\ntwo,benign\n"),
+                                          ("jsonl", '{"Goal": "one", "label": "harmful"}\n{"Goal": "two"}\n'),
+                                          ("txt", "one\ntwo\n")])
+def test_a_byte_order_mark_is_not_part_of_the_first_field(tmp_path, suffix, text):
+    path = tmp_path / f"bom.{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())  # as Excel saves "CSV UTF-8"
+    assert read_prompts(path) == ["one", "two"]
+    if suffix == "csv":
+        items = read_dataset(path, prompt_field="Goal", label_field="label")
+        assert [(i.prompt, i.harmful) for i in items] == [("one", True), ("two", False)]
+
+
 def test_field_rules(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps({"Question": f"q{i}", "prompt_id": i, "y": i % 3, "text": "t"}) + "\n"
@@ -117,8 +130,15 @@ def test_field_rules(tmp_path):
     ('{"goal": "a"}\n', ["--dataset", "{d}/x.jsonl", "--modes", "base", "--alpha-sweep", "0.5"],
      ["add one to --modes"]),
     ('{"goal": "a"}\n', ["--dataset", "{d}/x.jsonl", "--alpha-sweep", "0.5,high"], ["'high' is neither"]),
+    ('{"goal": "a"}\n', ["--dataset", "{d}/x.jsonl", "--alpha-sweep", "1.5"], ["'1.5' is neither an alpha in [0, 1]"]),
+    ('{"goal": "a"}\n', ["--dataset", "{d}/x.jsonl", "--alpha-sweep", "inf"], ["'inf' is neither an alpha in [0, 1]"]),
+    ('{"goal": "a"}\n', ["--dataset", "{d}/x.jsonl", "--alpha-sweep", "nan"], ["'nan' is neither an alpha in [0, 1]"]),
+    ('{"goal": "a"}\n', ["--dataset", "{d}/x.jsonl", "--alpha-sweep", "-0.1"], ["'-0.1' is neither an alpha in"]),
     ('{"goal": "a"}\n', ["--dataset", "{d}/x.jsonl", "--prefill-tokens", "3"], ["needs --prefill-field"]),
     ('{"goal": "a"}\n', ["--dataset", "{d}/x.jsonl", "--judge", "no_such_module_xyz:f"], ["cannot import"]),
+    ('{"goal": "a"}\n{"goal": "\\udcff"}\n', ["--dataset", "{d}/x.jsonl"], ["x.jsonl: item 2: not valid UTF-8"]),
+    ('{"goal": "a", "t": "\\ud800"}\n', ["--dataset", "{d}/x.jsonl", "--prefill-field", "t"],
+     ["x.jsonl: item 1: not valid UTF-8"]),
 ])
 def test_bad_input_is_one_line_naming_the_fix(tmp_path, capsys, setup, argv, words):
     if setup is not None:
@@ -128,6 +148,28 @@ def test_bad_input_is_one_line_naming_the_fix(tmp_path, capsys, setup, argv, wor
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
     for w in words:
         assert w in err, (w, err)
+
+
+@pytest.mark.parametrize("parent", [False, True])
+def test_an_out_flag_naming_a_file_is_refused_naming_the_flag(dataset, tmp_path, capsys, parent):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    target = blocker / "sub" if parent else blocker
+    code, _, err = _eval(capsys, "--dataset", dataset, "--out", target)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: --out {target}"), err
+    assert "give a directory" in lines[0]
+
+
+def test_a_prefill_past_the_context_is_refused_in_one_line(chat_pair, tmp_path, capsys):
+    base, _ = chat_pair  # max_position_embeddings 2048; the prefill is forced text, past load_pair's check
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"goal": "hi", "target": "x" * 2100}) + "\n")
+    code, _, err = _eval(capsys, "--dataset", data, "--base", base, "--modes", "base", "--prefill-field", "target",
+                         "--max-new-tokens", 4, "--out", tmp_path / "out")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert "exceeds the base model's max_position_embeddings of 2048" in lines[0] and "--max-new-tokens" in lines[0]
 
 
 def test_txt_dataset_has_no_fields(tmp_path):
@@ -449,3 +491,38 @@ def test_resume_after_a_killed_run_gives_the_same_results(chat_pair, dataset, tm
 
     code, _, err = _eval(capsys, *common[:-2], "--batch-size", 3, "--out", tmp_path / "resumed", "--resume")
     assert code == 2 and "other settings" in err
+
+
+@pytest.mark.parametrize("replaced", ["expert", "adapter expert", "base"])
+def test_resume_refuses_a_model_retrained_at_the_same_path(chat_pair, chat_adapter, dataset, tmp_path, capsys,
+                                                           monkeypatch, replaced):
+    import shutil
+
+    from conftest import chat_checkpoint
+    from safetensors.numpy import load_file, save_file
+
+    base, expert = tmp_path / "base", tmp_path / ("adapter" if replaced == "adapter expert" else "expert")
+    shutil.copytree(chat_pair[0], base)
+    shutil.copytree(chat_adapter if replaced == "adapter expert" else chat_pair[1], expert)
+    out = tmp_path / "out"
+    common = ["--dataset", dataset, "--base", base, "--expert", expert, "--modes", "ngsd", "--reflect", "off",
+              "--max-new-tokens", 2, "--limit", 1, "--out", out]
+    code, _, err = _eval(capsys, *common)
+    assert code == 0, err
+    assert set(json.loads((out / "run.json").read_text())["weights"]) == {"base", "expert"}
+    if replaced == "adapter expert":  # retrained: other arrays, the same base
+        tensors = load_file(str(expert / "adapter.safetensors"))
+        save_file({k: v * 2 for k, v in tensors.items()}, str(expert / "adapter.safetensors"))
+    else:  # retrained from another start: same architecture and tokenizer, other weights
+        shutil.rmtree(tmp_path / replaced)
+        chat_checkpoint(tmp_path / replaced, chat_tokenizer(), seed=2)
+    capsys.readouterr()
+    code, _, err = _eval(capsys, *common, "--resume")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    role = "base" if replaced == "base" else "expert"
+    assert f"--resume: the {role} weights differ" in lines[0] and "another --out" in lines[0], err
+    # Other settings are still refused before any model loads.
+    monkeypatch.setattr(runner, "load_pair", lambda *a, **k: pytest.fail("models loaded"))
+    code, _, err = _eval(capsys, *common[:-2], "--max-new-tokens", 3, "--out", out, "--resume")
+    assert code == 2 and "other settings" in err, err

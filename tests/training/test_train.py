@@ -291,6 +291,53 @@ def test_bad_recipe_input_is_one_line_naming_the_fix(capsys):
     assert "expected KEY=VALUE with KEY one of" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, parent", [("--run-dir", False), ("--output", False), ("--hf-output", False),
+                                          ("--output", True)])
+def test_an_output_directory_flag_naming_a_file_is_refused_naming_the_flag(tiny_checkpoint, data_file, tmp_path,
+                                                                           capsys, flag, parent):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    target = blocker / "sub" if parent else blocker
+    args = [a for a in train_args(tiny_checkpoint, data_file, tmp_path) if a != "--no-hf-export"]
+    assert train.main([*args, flag, str(target)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {flag} {target}") and "give a directory" in lines[0]
+    assert blocker.read_text() == "not a directory" and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags, words", [
+    (("--lr", "inf"), ["recipe: learning_rate must be a finite number (got inf); set it with --lr"]),
+    (("--set", "learning_rate=NaN"), ["learning_rate must be a finite number (got nan)"]),
+    (("--set", "harmful_weight=-Infinity"), ["harmful_weight must be a finite number", "--set harmful_weight="]),
+    # Finite, but the first update throws the adapters to ~1e36 and the next loss overflows.
+    (("--lr", "1e36"), ["training diverged at step 2: the loss is nan", "lower --lr (now 1e+36)"]),
+    # Past float32: the first update itself makes the weights infinite.
+    (("--lr", "1e39"), ["training diverged at step 1: its update made weights non-finite", "lower --lr"]),
+])
+def test_a_non_finite_learning_rate_or_loss_stops_training_writing_no_expert(tiny_checkpoint, data_file, tmp_path,
+                                                                            capsys, flags, words):
+    args = [a for a in train_args(tiny_checkpoint, data_file, tmp_path) if a != "--no-hf-export"]
+    code = train.main([*args, "--hf-output", str(tmp_path / "hf"), "--epochs", "1", "--set", "warmup_fraction=0",
+                       *flags])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and err.strip().endswith(errors[0]) and "Traceback" not in err, err
+    assert all(w in errors[0] for w in words), err
+    assert not (tmp_path / "expert").exists() and not (tmp_path / "hf").exists()
+    assert not any(p.name.startswith(".expert") for p in tmp_path.iterdir())  # no staging left either
+
+
+def test_an_expert_with_non_finite_weights_is_never_written(tiny_checkpoint, tmp_path):
+    from ngsd_jax.errors import UsageError
+    from ngsd_jax.training.export import write_expert
+
+    model = load_model(tiny_checkpoint)
+    model.layers[1].mlp.up_proj.kernel[...] = model.layers[1].mlp.up_proj.kernel[...].at[0, 0].set(jnp.nan)
+    with pytest.raises(UsageError, match=r"non-finite weights \(.*layers.*1.*up_proj.*\); no expert was written"):
+        write_expert(model, train_tokenizer(), tmp_path / "expert", tmp_path / "hf", {})
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_resume_after_sigkill_ends_where_an_uninterrupted_run_ends(tiny_checkpoint, data_file, tmp_path):
     # Enough steps that the run is still going when its first checkpoint appears.
     settings = ["--epochs", "100", "--lr", "3e-3", "--set", "checkpoint_every=50", "--set", "max_steps=null"]
