@@ -15,7 +15,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from huggingface_hub import constants, snapshot_download
+import huggingface_hub
+from huggingface_hub import constants
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
@@ -60,7 +61,7 @@ def hub_snapshot(repo_id: str, local_miss: str = "") -> Path:
     """The cached snapshot of a Hub model repository, downloading what is missing unless offline."""
     where = f"{local_miss}; " if local_miss else ""
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=list(HUB_FILES)))
+        return Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=list(HUB_FILES)))
     except GatedRepoError:
         raise CheckpointError(f"{repo_id}: gated on the Hugging Face Hub; accept its licence on the model's Hub "
                               f"page with your account, then set HF_TOKEN (or run `hf auth login`)") from None
