@@ -12,6 +12,10 @@ expert is the same adapter merged. fp32, no stop tokens, so every run generates 
 interleaved round-robin and the median of --repeats is reported, because these machines
 are noisy; the load average is printed before and after.
 
+Two more cases price what the light touch and the risk cost: the adapter engine's `--mode
+base` (run in the paired layout, so its base rows are NGSD's) and NGSD with `--reflect
+expert`'s risk read inside the program.
+
 An engine-level benchmark: it builds its engines by hand over the loaded base (no trained
 expert, no stop tokens, the distribution over the tokenizer's tokens as decode's default);
 the synthetic adapter, the short prompt and the round-robin timing are bench/common.py's.
@@ -35,6 +39,7 @@ from flax import nnx  # noqa: E402
 from ngsd_jax.checkpoints.weights import load_model  # noqa: E402
 from ngsd_jax.decoding.batching import bucket_length  # noqa: E402
 from ngsd_jax.decoding.engine import Engine  # noqa: E402
+from ngsd_jax.decoding.risk import ExpertRisk, opening_token_sequences, opening_trie  # noqa: E402
 from ngsd_jax.decoding.settings import DecodeSettings  # noqa: E402
 
 LONG_SENTENCE = ("The history of the printing press shows how a single technical change can reshape the way "
@@ -97,9 +102,14 @@ def main():
     torch.set_num_threads(args.torch_threads)
     hf = _load_transformers(path, AutoModelForCausalLM)
 
-    def engine_case(engine, mode, prompt, batch):
+    # --reflect expert: the expert's risk read inside the program (one teacher-forced pass over the
+    # refusal openings' trie, from copies of the prefill cache), as the default pair decodes.
+    expert_risk = ExpertRisk(opening_trie(opening_token_sequences(tokenizer), vocab))
+
+    def engine_case(engine, mode, prompt, batch, risk=None):
         def run():
-            result = engine.decode([prompt] * batch, None, DecodeSettings(mode=mode, max_new_tokens=n), alpha=0.9)
+            result = engine.decode([prompt] * batch, None, DecodeSettings(mode=mode, max_new_tokens=n), alpha=0.9,
+                                   expert_risk=risk)
             assert result.tokens.shape == (batch, n)
         return run
 
@@ -120,6 +130,9 @@ def main():
             tag = f"{prompt_name} prompt, batch {batch}"
             cases[("engine base", tag)] = engine_case(base_engine, "base", prompt, batch)
             cases[("ngsd, adapter expert", tag)] = engine_case(adapter_engine, "ngsd", prompt, batch)
+            cases[("ngsd, adapter expert, risk in program", tag)] = engine_case(adapter_engine, "ngsd", prompt, batch,
+                                                                                expert_risk)
+            cases[("base rows, adapter engine", tag)] = engine_case(adapter_engine, "base", prompt, batch)
             cases[("ngsd, merged expert", tag)] = engine_case(merged_engine, "ngsd", prompt, batch)
             cases[("transformers generate, base", tag)] = transformers_case(prompt, batch)
 
@@ -151,7 +164,7 @@ def main():
         cache_len = bucket_length(len(prompt)) + n
         if name == "engine base":
             step = bytes_per_step(config, params, [batch] * config.num_layers, cache_len, 1)
-        elif name == "ngsd, adapter expert":
+        elif name in ("ngsd, adapter expert", "ngsd, adapter expert, risk in program", "base rows, adapter engine"):
             rows = [batch] * first + [2 * batch] * (config.num_layers - first)
             step = bytes_per_step(config, params, rows, cache_len, 1)
         elif name == "ngsd, merged expert":
@@ -166,6 +179,9 @@ def main():
     tags = sorted({tag for _, tag in rates})
     for label, numerator, denominator in (
             ("ngsd adapter / engine base", "ngsd, adapter expert", "engine base"),
+            ("ngsd adapter, risk in program / ngsd adapter", "ngsd, adapter expert, risk in program",
+             "ngsd, adapter expert"),
+            ("base rows of the adapter engine / engine base", "base rows, adapter engine", "engine base"),
             ("ngsd adapter / transformers base", "ngsd, adapter expert", "transformers generate, base"),
             ("ngsd adapter / ngsd merged", "ngsd, adapter expert", "ngsd, merged expert"),
             ("ngsd merged / engine base", "ngsd, merged expert", "engine base"),
