@@ -188,7 +188,6 @@ class Service:
         try:
             self.queue.put_nowait(job)
         except queue.Full:
-            self.metrics.rejected.labels("queue_full").inc()
             raise QueueFull(f"the queue holds {self.queue.maxsize} requests waiting for a decode slot; "
                             "retry later") from None
         self.metrics.queue_depth.set(self.queue.qsize())
