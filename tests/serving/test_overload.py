@@ -11,16 +11,31 @@ import threading
 import time
 
 import pytest
+import torch
+from conftest import chat_tokenizer
 from server_process import ServerProcess
+from transformers import LlamaConfig, LlamaForCausalLM
 
-LONG = 200  # tokens: long enough (on this tiny pair, about a second) to hold the slot
+LONG = 500  # tokens: long enough (on this pair, about a second) to hold the slot
+
+
+def wider_checkpoint(path, tokenizer, seed):
+    """conftest's chat checkpoint, wider and deeper: a step takes a millisecond or two."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=384, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
+                         eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
 
 
 @pytest.fixture(scope="module")
-def flags(chat_pair, tmp_path_factory):
-    base, expert = chat_pair
+def flags(tmp_path_factory):
     folder = tmp_path_factory.mktemp("overload")
-    return folder, ["--base", base, "--expert", expert, "--slots", 1, "--queue-size", 1, "--context", 256,
+    tokenizer = chat_tokenizer()
+    base, expert = (wider_checkpoint(folder / name, tokenizer, seed) for name, seed in (("base", 0), ("expert", 1)))
+    return folder, ["--base", base, "--expert", expert, "--slots", 1, "--queue-size", 1, "--context", 512,
                     "--chunk", 4, "--reflect", "off", "--alpha", 0.5, "--compilation-cache", folder / "xla"]
 
 
@@ -48,9 +63,10 @@ def _stream(server, max_tokens, out: list, read_all=True):
     out.append(events)
 
 
-def _finished(events) -> tuple[str, int]:
-    chunks = [json.loads(e) for e in events[:-1]]
-    return chunks[-1]["choices"][0]["finish_reason"], sum(1 for c in chunks if c["choices"][0]["finish_reason"] is None)
+def _completed(events) -> bool:
+    """Whether a stream ran to its end: a finish reason, then [DONE]."""
+    return len(events) > 1 and events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] in (
+        "length", "stop")
 
 
 def test_a_full_queue_answers_429(server):
@@ -65,7 +81,7 @@ def test_a_full_queue_answers_429(server):
     assert statuses.count(429) >= 3, statuses
     for r in results:
         if r[0] == 200:
-            assert r[1][-1] == "[DONE]" and _finished(r[1]) == ("length", LONG)
+            assert _completed(r[1])
         else:
             body = json.loads(r[2].read())
             assert body["error"]["type"] == "rate_limit_exceeded" and body["error"]["code"] == "rate_limit_exceeded"
@@ -100,13 +116,19 @@ def test_sigterm_drains_requests_in_flight_then_exits(server, flags):
     threads = [threading.Thread(target=_stream, args=(server, LONG, results[i])) for i in range(2)]
     for t in threads:
         t.start()
-        time.sleep(0.2)
-    time.sleep(0.3)  # one decoding, one queued
+        time.sleep(0.1)
+    deadline = time.monotonic() + 5
+    while server.get("/health")["queued"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    health = server.get("/health")
+    assert health["running"] == 1 and health["queued"] == 1, health  # one decoding, one queued
+    started = time.monotonic()
     assert server.stop() == 0
+    print(f"drained in {time.monotonic() - started:.2f} s")
     for t in threads:
         t.join()
     for r in results:  # both ran to their full length
-        assert r[0] == 200 and r[1][-1] == "[DONE]" and _finished(r[1]) == ("length", LONG)
+        assert r[0] == 200 and _completed(r[1])
     log = server.log.read_text()
     assert "0 programs compiled after warm-up" in log
 
