@@ -83,7 +83,8 @@ def test_greedy_equals_decode_alone_whatever_the_join_step(models):
     requests = [
         (0, SlotRequest(prompts[0], expert_prompts[0], max_tokens=20, alpha=0.9)),
         (1, SlotRequest(prompts[1], expert_prompts[1], max_tokens=9, alpha=0.1)),
-        (1, SlotRequest(prompts[2], None, max_tokens=8, steer=False)),  # mode base, stops at its 6th token
+        # Mode base, stops at its 6th token; a low threshold that a base row must ignore.
+        (1, SlotRequest(prompts[2], None, max_tokens=8, steer=False, threshold=0.3, alpha=0.9)),
         (3, SlotRequest(prompts[3], expert_prompts[3], max_tokens=13, alpha=0.9, tau=4.0, threshold=1.5,
                         soft_reset=0.3)),
         # Joins a slot that an ngsd request left with a charged neuron.
