@@ -168,3 +168,51 @@ def test_sampling_is_seeded_per_request_not_per_slot(models):
     assert first[0]["slot"] != again[1]["slot"]
     assert first[0]["tokens"] == again[1]["tokens"]
     assert first[0]["tokens"] != first[2]["tokens"]
+
+
+@pytest.fixture(scope="module")
+def adapter_engine(make_tiny_hf):
+    """A 4-layer base with an all-linear LoRA expert on its top two layers, run as an adapter."""
+    from flax import nnx
+
+    from ngsd_jax.lora import apply_lora, extract_adapter
+
+    base = load_model(make_tiny_hf("llama", num_hidden_layers=4))
+    model = nnx.clone(base)
+    apply_lora(model, rank=4, alpha=8.0, targets="all-linear", layers=[2, 3], seed=1)
+    rng = np.random.RandomState(0)
+    for i in (2, 3):
+        for owner in (model.layers[i].attn, model.layers[i].mlp):
+            for module in vars(owner).values():
+                if hasattr(module, "lora_b"):
+                    module.lora_b.set_value(0.5 * rng.randn(*module.lora_b.shape).astype(np.float32))
+    return Engine(base, None, VOCAB, stop_ids=[], adapter=extract_adapter(model))
+
+
+def _mixed_schedule(seed):
+    prompts, expert_prompts = _prompts(seed, [9, 5, 14, 21]), _prompts(seed + 1, [12, 5, 9, 17])
+    return [(0, SlotRequest(prompts[0], None, max_tokens=14, alpha=0.9)),
+            (1, SlotRequest(prompts[1], expert_prompts[1], max_tokens=9, alpha=0.5)),
+            (2, SlotRequest(prompts[2], None, max_tokens=10, steer=False)),
+            (2, SlotRequest(prompts[3], expert_prompts[3], max_tokens=12, alpha=0.9, tau=4.0))]
+
+
+def test_adapter_expert_equals_decode_alone(adapter_engine):
+    # Shared prompts (decode computes the layers below the adapter once) and the expert's own.
+    slots = SlotEngine(adapter_engine, SlotConfig(slots=2, context=64, chunk=3))
+    schedule = _mixed_schedule(6)
+    results = drive(slots, schedule)
+    for i, (_, request) in enumerate(schedule):
+        _assert_same_as_alone(adapter_engine, results[i], request)
+    assert sum(sum(r["spike"]) for r in results.values()) >= 3
+
+
+def test_scanned_layers_equal_decode_alone(make_tiny_hf):
+    base = load_model(make_tiny_hf("llama", seed=0))
+    expert = load_model(make_tiny_hf("llama", seed=1))
+    engine = Engine(base, expert, vocab_size=VOCAB, stop_ids=[], scan_layers=True)
+    slots = SlotEngine(engine, SlotConfig(slots=2, context=64, chunk=5))
+    schedule = _mixed_schedule(8)
+    results = drive(slots, schedule)
+    for i, (_, request) in enumerate(schedule):
+        _assert_same_as_alone(engine, results[i], request)
