@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -30,8 +29,7 @@ class ServerProcess:
         self.log = log
         command = [sys.executable, "-m", "ngsd_jax.serve", "--host", "127.0.0.1", "--port", str(self.port),
                    "--exit-after", str(lifetime), *map(str, flags)]
-        env = dict(os.environ, JAX_PLATFORMS="cpu")
-        self.proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
                                      stderr=open(log, "w"), text=True)
         deadline = time.monotonic() + ready_timeout
         while True:
