@@ -153,7 +153,10 @@ class Job:
         self.stream = TextStream(self.tokenizer, self.stop)
 
     def post(self, kind: str, payload=None) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+        except RuntimeError:  # the web app's loop is closed (shutdown past the drain timeout): nobody listens
+            pass
 
     def summary(self) -> dict:
         """The `ngsd` object of the job's choice."""

@@ -12,8 +12,10 @@ LIF settings, sampling settings, position, generated count, budget and done flag
   neuron, counters and settings: one program.
 - `generate()` runs `chunk` steps over all slots at once (choose, then forward, per step,
   exactly as `Engine.decode`'s loop: `engine._choose`, `engine._step`,
-  `engine._paired_forward`) and returns each step's token and gate telemetry per slot: two
-  programs (greedy only, and with sampling).
+  `engine._paired_forward`) and returns each step's token and gate telemetry per slot: a
+  greedy and a sampling program per batch width (powers of two up to `slots`), since a
+  request takes the lowest free slot and a chunk runs over the narrowest width holding every
+  slot in use.
 
 A row never reads another row, so a request's greedy tokens do not depend on what else is
 in the batch or on the step it joined at. Rows that are done (finished, cancelled or never
@@ -197,6 +199,9 @@ class SlotEngine:
             raise ServingError("mode 'ngsd' needs an expert model")
         if expert_risk is not None and not uses_expert:
             raise ServingError("--reflect expert needs the expert, which mode 'base' does not run")
+        engine.base_config.check_sequence_length(config.context, "base")  # a slot may fill its whole context
+        if uses_expert:
+            engine.expert_config.check_sequence_length(config.context, "expert")
         self.config = config
         self.engine = engine
         self.vocab_size = engine.vocab_size
@@ -220,7 +225,7 @@ class SlotEngine:
         self._init_jit = jax.jit(self._init_traced, compiler_options=options)
         self._prefill_jit = jax.jit(self._prefill_traced, compiler_options=options)
         self._insert_jit = jax.jit(self._insert_traced, donate_argnums=(0,), compiler_options=options)
-        self._generate_jit = jax.jit(self._generate_traced, static_argnums=(0,), donate_argnums=(2,),
+        self._generate_jit = jax.jit(self._generate_traced, static_argnums=(0, 1), donate_argnums=(3,),
                                      compiler_options=options)
         self.state = self._init_jit(self.params)
         self.active = np.zeros((config.slots,), bool)  # host view: slots holding a request
@@ -297,32 +302,48 @@ class SlotEngine:
             self._cancel[slot] = True
             self.active[slot] = False
 
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """The generate programs' batch widths: powers of two below the slot count, and the slot count."""
+        return tuple(1 << i for i in range(max(0, (self.config.slots - 1).bit_length())) if 1 << i < self.config.slots
+                     ) + (self.config.slots,)
+
     def generate(self) -> Chunk:
-        """Up to `chunk` steps over every slot; fewer when all are done first."""
+        """Up to `chunk` steps over the slots in use; fewer when all are done first.
+
+        Requests take the lowest free slot, and the program runs over the narrowest width that
+        holds every slot in use (a lone request decodes as a batch of one, not of `slots`)."""
+        used = np.flatnonzero(self.active | self._cancel)
+        width = next(w for w in self.widths if w > (used.max() if used.size else 0))
         sampling = bool((self._sampling & self.active).any())
-        self.state, out = self._generate_jit(sampling, self.params, self.state, self._cancel.copy(), self.stop_ids)
+        self.state, out = self._generate_jit(sampling, width, self.params, self.state, self._cancel.copy(),
+                                             self.stop_ids)
         self._cancel[:] = False
-        chunk = Chunk(**{k: np.asarray(v) for k, v in out.items()})
+        out = {k: np.asarray(v) for k, v in out.items()}
+        done = out.pop("done")
+        padded = {k: np.zeros((self.config.slots,) + v.shape[1:], v.dtype) for k, v in out.items()}
+        for k, v in out.items():
+            padded[k][:width] = v
+        chunk = Chunk(**padded, done=done)
         self.active &= ~chunk.done
         return chunk
 
     def warm_up(self) -> int:
-        """Compiles every program a request can need (each bucket's prefill, insert, both generates)
-        and leaves every slot free; returns the number of programs compiled."""
+        """Compiles every program a request can need (each bucket's prefill, insert, a greedy and a
+        sampling generate per width) and leaves every slot free; returns the number compiled."""
         before = self.compilations
         for width in self.config.buckets:
             n = min(width, self.config.context - 1)
             request = SlotRequest([self.pad_id] * n, max_tokens=1)
             self.insert(self.prefill(request), 0, request)
             self.cancel(0)
-        for temperature in (0.0, 1.0):
-            request = SlotRequest([self.pad_id], max_tokens=1, temperature=temperature)
-            self.insert(self.prefill(request), 0, request)
-            self.generate()
-            self.cancel(0)
-        self.generate()  # applies the last cancel
+        cancel = np.ones((self.config.slots,), bool)
+        for width in self.widths:
+            for sampling in (False, True):
+                self.state, _ = self._generate_jit(sampling, width, self.params, self.state, cancel, self.stop_ids)
         self.state = self._init_jit(self.params)
         self.active[:] = False
+        self._cancel[:] = False
         return self.compilations - before
 
     def _gate_defaults(self, request: SlotRequest) -> dict:
@@ -421,12 +442,45 @@ class SlotEngine:
             seed=at(state.seed, row["seed"]), step=at(state.step, 0), max_tokens=at(state.max_tokens, row["max_tokens"]),
             done=at(state.done, False))
 
-    def _generate_traced(self, sampling: bool, params, state: SlotState, cancel, stop_ids):
+    def _rows(self, state: SlotState, width: int) -> SlotState:
+        """The first `width` slots' rows of the state (an adapter pair's cache: base and expert rows)."""
+        if width == self.config.slots:
+            return state
+        axis, s = self.batch_axis, self.config.slots
+        first = lambda x, start=0, axis=0: jax.lax.slice_in_dim(x, start, start + width, axis=axis)  # noqa: E731
+        if self.paired:
+            cache = lambda x: jnp.concatenate([first(x, 0, axis), first(x, s, axis)], axis=axis)  # noqa: E731
+        else:
+            cache = lambda x: first(x, 0, axis)  # noqa: E731
+        caches = {"base_cache": jax.tree.map(cache, state.base_cache),
+                  "expert_cache": jax.tree.map(cache, state.expert_cache)}
+        return SlotState(**{name: caches[name] if name in caches else first(value)
+                            for name, value in state._asdict().items()})
+
+    def _put_rows(self, state: SlotState, rows: SlotState, width: int) -> SlotState:
+        """`_rows`'s inverse: writes the first `width` slots' rows back."""
+        if width == self.config.slots:
+            return rows
+        axis, s = self.batch_axis, self.config.slots
+        put = lambda big, small, at=0, axis=0: jax.lax.dynamic_update_slice_in_dim(big, small, at, axis=axis)  # noqa: E731
+        if self.paired:
+            cache = lambda big, small: put(put(big, jax.lax.slice_in_dim(small, 0, width, axis=axis), 0, axis),  # noqa: E731
+                                           jax.lax.slice_in_dim(small, width, 2 * width, axis=axis), s, axis)
+        else:
+            cache = lambda big, small: put(big, small, 0, axis)  # noqa: E731
+        caches = {"base_cache": jax.tree.map(cache, state.base_cache, rows.base_cache),
+                  "expert_cache": jax.tree.map(cache, state.expert_cache, rows.expert_cache)}
+        return SlotState(**{name: caches[name] if name in caches else put(value, getattr(rows, name))
+                            for name, value in state._asdict().items()})
+
+    def _generate_traced(self, sampling: bool, width: int, params, full: SlotState, cancel, stop_ids):
+        """`chunk` steps over the first `width` slots (the others are free)."""
         self.compilations += 1
         base, expert, paired = self._models(params)
         config, vocab, pad_id = self.config, self.vocab_size, self.pad_id
-        s, c = config.slots, config.chunk
-        state = state._replace(done=state.done | cancel)
+        s, c = width, config.chunk
+        full = full._replace(done=full.done | cancel)
+        state = self._rows(full, width)
         out = {"tokens": jnp.full((s, c), pad_id, jnp.int32), "valid": jnp.zeros((s, c), bool),
                "divergence": jnp.zeros((s, c), jnp.float32), "potential": jnp.zeros((s, c), jnp.float32),
                "spike": jnp.zeros((s, c), bool), "alpha": jnp.zeros((s, c), jnp.float32),
@@ -490,4 +544,5 @@ class SlotEngine:
             return (i < c) & ~jnp.all(st.done)
 
         _, state, out = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out))
-        return state, {**out, "done": state.done}
+        full = self._put_rows(full, state, width)
+        return full, {**out, "done": full.done}

@@ -131,9 +131,9 @@ def test_no_compilation_after_warm_up(models):
     config = SlotConfig(slots=2, context=40, chunk=4)
     slots = SlotEngine(engine, config)
     compiled = slots.warm_up()
-    # One prefill per bucket, insert, greedy and sampling generate (init ran in the constructor).
-    assert config.buckets == (16, 24, 32, 40)
-    assert compiled == len(config.buckets) + 1 + 2 and slots.compilations == compiled + 1
+    # One prefill per bucket, insert, greedy and sampling generate per width (init ran in the constructor).
+    assert config.buckets == (16, 24, 32, 40) and slots.widths == (1, 2)
+    assert compiled == len(config.buckets) + 1 + 2 * 2 and slots.compilations == compiled + 1
     before = slots.compilations
     sizes = [jit._cache_size() for jit in (slots._prefill_jit, slots._insert_jit, slots._generate_jit)]
     lengths = [3, 16, 17, 30, 39 - 1, 24]
@@ -168,6 +168,8 @@ def test_sampling_is_seeded_per_request_not_per_slot(models):
     assert first[0]["slot"] != again[1]["slot"]
     assert first[0]["tokens"] == again[1]["tokens"]
     assert first[0]["tokens"] != first[2]["tokens"]
+    # A greedy row decoded beside sampling rows (the sampling program) is still decode's.
+    _assert_same_as_alone(engine, first[1], SlotRequest(prompt, max_tokens=10))
 
 
 @pytest.fixture(scope="module")
