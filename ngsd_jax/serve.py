@@ -78,6 +78,9 @@ def server_options(args, options: decode.Options):
     gate = GateConfig(options.tau, options.threshold, options.v_reset, options.soft_reset, options.merge_top_k,
                       options.divergence)
     limit = args.max_tokens_limit or args.context - 1
+    # Both sides formatted alike: an adapter expert's prompt is the base's (one pass below the adapter).
+    shared = (options.expert_system_prompt == options.system_prompt
+              and options.expert_chat_template == options.chat_template)
     web = ServeSettings(
         model_name=args.served_model_name, max_tokens=min(options.max_new_tokens, limit), max_tokens_limit=limit,
         temperature=args.temperature, top_p=args.top_p, seed=args.seed, drain_timeout=args.drain_timeout,
@@ -86,7 +89,8 @@ def server_options(args, options: decode.Options):
                         options.expert_chat_template, options.thinking))
     return ServerOptions(host=args.host, port=args.port, queue_size=args.queue_size, alpha=options.alpha,
                          reflect=reflect, web=web, exit_after=args.exit_after,
-                         slots=SlotConfig(args.slots, args.context, args.chunk, options.mode, gate, args.top_k))
+                         slots=SlotConfig(args.slots, args.context, args.chunk, options.mode, gate, args.top_k,
+                                          shared_prompts=shared))
 
 
 def main(argv=None) -> int:

@@ -71,6 +71,10 @@ class SlotConfig:
     mode: str = "ngsd"  # the server's mode; requests may choose "base" when it is "ngsd"
     gate: ngsd.GateConfig = ngsd.GateConfig()  # top_k and divergence for every row; the rest: defaults per row
     sampling_top_k: int = 0
+    # An adapter expert whose prompt is every request's base prompt: the layers below the first
+    # adapted one then run once per slot, not once per row set (as Engine.decode does for such
+    # prompts); a request with an expert prompt of its own is refused.
+    shared_prompts: bool = False
 
     def __post_init__(self):
         if self.mode not in SERVING_MODES:
@@ -206,6 +210,7 @@ class SlotEngine:
         self.engine = engine
         self.vocab_size = engine.vocab_size
         self.paired = uses_expert and engine.has_adapter
+        self.shared = self.paired and config.shared_prompts
         self.uses_expert = uses_expert
         self.expert_risk = expert_risk
         self.alpha = float(alpha)
@@ -245,6 +250,9 @@ class SlotEngine:
             raise ServingError("empty prompt: it needs at least one token")
         if request.max_tokens < 1:
             raise ServingError("max_tokens must be >= 1")
+        if self.shared and request.expert_prompt is not None and list(request.expert_prompt) != list(
+                request.base_prompt):
+            raise ServingError("this server runs the adapter expert on the base's prompts; the expert's differs")
         longest = max(map(len, prompts))
         if longest + request.max_tokens > self.config.context:
             raise ServingError(f"this model's context is {self.config.context} tokens; the prompt has {longest} "
@@ -364,7 +372,7 @@ class SlotEngine:
         base, expert, paired = self._models(params)
         length = self.config.context
         if paired is not None:
-            return _paired_cache(paired, self.engine.first_adapted, False, batch, length), None
+            return _paired_cache(paired, self.engine.first_adapted, self.shared, batch, length), None
         return base.new_cache(batch, length), None if expert is None else expert.new_cache(batch, length)
 
     def _init_traced(self, params):
@@ -389,9 +397,10 @@ class SlotEngine:
         base, expert, paired = self._models(params)
         base_cache, expert_cache = self._caches(params, 1)
         if paired is not None:
-            prompt = jnp.concatenate([inputs["base_prompt"], inputs["expert_prompt"]])
+            prompt = inputs["base_prompt"] if self.shared else jnp.concatenate([inputs["base_prompt"],
+                                                                                 inputs["expert_prompt"]])
             lengths = jnp.concatenate([inputs["base_len"], inputs["expert_len"]])
-            logits, base_cache = _paired_prefill(paired, self.engine.first_adapted, False, prompt, lengths,
+            logits, base_cache = _paired_prefill(paired, self.engine.first_adapted, self.shared, prompt, lengths,
                                                  base_cache)
             base_logits, expert_logits = logits[:1], logits[1:]
         else:
@@ -419,8 +428,9 @@ class SlotEngine:
             one = jax.lax.dynamic_slice_in_dim(small, index, 1, axis=axis).astype(big.dtype)
             return jax.lax.dynamic_update_slice_in_dim(big, one, at, axis=axis)
 
-        if self.paired:  # base row 0 goes to row slot, expert row 1 to row S + slot
-            base_cache = jax.tree.map(lambda big, small: put(put(big, small, slot, 0), small, s + slot, 1),
+        if self.paired:  # base row 0 goes to row slot, expert row 1 to row S + slot (shared layers: one row)
+            base_cache = jax.tree.map(lambda big, small: put(big, small, slot) if small.shape[axis] == 1 else
+                                      put(put(big, small, slot, 0), small, s + slot, 1),
                                       state.base_cache, prefix.base_cache)
             expert_cache = None
         else:
@@ -448,8 +458,9 @@ class SlotEngine:
             return state
         axis, s = self.batch_axis, self.config.slots
         first = lambda x, start=0, axis=0: jax.lax.slice_in_dim(x, start, start + width, axis=axis)  # noqa: E731
-        if self.paired:
-            cache = lambda x: jnp.concatenate([first(x, 0, axis), first(x, s, axis)], axis=axis)  # noqa: E731
+        if self.paired:  # base rows and expert rows (layers below a shared prompt's adapter: one row set)
+            cache = lambda x: jnp.concatenate([first(x, 0, axis), first(x, s, axis)], axis=axis) if (  # noqa: E731
+                x.shape[axis] == 2 * s) else first(x, 0, axis)
         else:
             cache = lambda x: first(x, 0, axis)  # noqa: E731
         caches = {"base_cache": jax.tree.map(cache, state.base_cache),
@@ -465,7 +476,8 @@ class SlotEngine:
         put = lambda big, small, at=0, axis=0: jax.lax.dynamic_update_slice_in_dim(big, small, at, axis=axis)  # noqa: E731
         if self.paired:
             cache = lambda big, small: put(put(big, jax.lax.slice_in_dim(small, 0, width, axis=axis), 0, axis),  # noqa: E731
-                                           jax.lax.slice_in_dim(small, width, 2 * width, axis=axis), s, axis)
+                                           jax.lax.slice_in_dim(small, width, 2 * width, axis=axis), s, axis) if (
+                big.shape[axis] == 2 * s) else put(big, small, 0, axis)
         else:
             cache = lambda big, small: put(big, small, 0, axis)  # noqa: E731
         caches = {"base_cache": jax.tree.map(cache, state.base_cache, rows.base_cache),
@@ -507,9 +519,12 @@ class SlotEngine:
 
         def forward(st: SlotState, token, live):
             if paired is not None:
-                tokens = jnp.concatenate([token, token])[:, None]
-                positions = jnp.concatenate([st.base_len, st.expert_len])[:, None]
-                hidden, cache = _paired_forward(paired, self.engine.first_adapted, False, tokens, positions,
+                if self.shared:
+                    tokens, positions = token[:, None], st.base_len[:, None]
+                else:
+                    tokens = jnp.concatenate([token, token])[:, None]
+                    positions = jnp.concatenate([st.base_len, st.expert_len])[:, None]
+                hidden, cache = _paired_forward(paired, self.engine.first_adapted, self.shared, tokens, positions,
                                                 st.base_cache)
                 logits = paired.logits(hidden[:, 0])
                 base_logits, expert_logits, base_cache, expert_cache = logits[:s], logits[s:], cache, None

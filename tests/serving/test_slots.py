@@ -4,6 +4,8 @@ of decoding it alone, whatever step it joins at, whatever shares the batch, whic
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -218,3 +220,16 @@ def test_scanned_layers_equal_decode_alone(make_tiny_hf):
     results = drive(slots, schedule)
     for i, (_, request) in enumerate(schedule):
         _assert_same_as_alone(engine, results[i], request)
+
+
+def test_adapter_expert_on_shared_prompts_equals_decode_alone(adapter_engine):
+    # Every expert prompt is the base's: the layers below the adapter run once per slot.
+    slots = SlotEngine(adapter_engine, SlotConfig(slots=3, context=64, chunk=3, shared_prompts=True))
+    schedule = [(join, dataclasses.replace(request, expert_prompt=None)) for join, request in _mixed_schedule(9)]
+    schedule.append((3, SlotRequest(_prompts(11, [6])[0], max_tokens=8, alpha=0.9)))
+    results = drive(slots, schedule)
+    for i, (_, request) in enumerate(schedule):
+        _assert_same_as_alone(adapter_engine, results[i], request)
+    assert sum(sum(r["spike"]) for r in results.values()) >= 3
+    with pytest.raises(ServingError, match="the expert's differs"):
+        slots.check(SlotRequest([5, 6, 7], [5, 6], max_tokens=2))
