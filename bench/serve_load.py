@@ -21,8 +21,6 @@ import argparse
 import http.client
 import json
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -189,7 +187,7 @@ def main() -> int:
           "per token p99 ms |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        ms = lambda name, q: 1000 * percentile(r[name], q)  # noqa: E731
+        ms = lambda name, q, r=r: 1000 * percentile(r[name], q)  # noqa: E731
         print(f"| {r['case']} | {r['requests']} | {r.get('refused', 0)} | {r['tokens']} | {r['wall_s']:.1f} | {r['tokens_per_s']:.1f} | "
               f"{ms('ttft', 50):.0f} | {ms('ttft', 99):.0f} | {ms('per_token', 50):.1f} | {ms('per_token', 99):.1f} |")
     if args.json:

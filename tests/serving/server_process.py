@@ -29,8 +29,8 @@ class ServerProcess:
         self.log = log
         command = [sys.executable, "-m", "ngsd_jax.serve", "--host", "127.0.0.1", "--port", str(self.port),
                    "--exit-after", str(lifetime), *map(str, flags)]
-        self.proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
-                                     stderr=open(log, "w"), text=True)
+        self._log_file = open(log, "w")  # noqa: SIM115  (the server's stderr, closed in stop)
+        self.proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=self._log_file, text=True)
         deadline = time.monotonic() + ready_timeout
         while True:
             if self.proc.poll() is not None:
@@ -76,3 +76,5 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait()
+        finally:
+            self._log_file.close()
