@@ -276,25 +276,33 @@ def create_app(service: Service, settings: ServeSettings, base_tokenizer, expert
         return {"prompt_tokens": prompt, "completion_tokens": job.generated, "total_tokens": prompt + job.generated}
 
     async def _whole(request: Request, job: Job, meta: dict, chat: bool, trace: bool):
-        entries, summary = [], None
-        events = _events(job)
-        try:
-            while summary is None:
-                getter = asyncio.ensure_future(anext(events))
-                while not getter.done():
-                    await asyncio.wait([getter], timeout=0.25)
-                    if not getter.done() and await request.is_disconnected():
-                        getter.cancel()
-                        service.cancel(job)
-                        return Response(status_code=499)
-                kind, payload = getter.result()
+        async def consume():
+            entries, summary = [], None
+            async for kind, payload in _events(job):
                 if kind == "tokens":
                     entries += payload
                 elif kind == "done":
                     summary = payload
+            return entries, summary
+
+        async def client_gone():
+            while not await request.is_disconnected():
+                await asyncio.sleep(0.25)
+
+        consumer, watcher = asyncio.create_task(consume()), asyncio.create_task(client_gone())
+        try:
+            await asyncio.wait([consumer, watcher], return_when=asyncio.FIRST_COMPLETED)
         except BaseException:
+            consumer.cancel()
             service.cancel(job)
             raise
+        finally:
+            watcher.cancel()
+        if not consumer.done():  # the client left: its slot is freed before the next chunk
+            consumer.cancel()
+            service.cancel(job)
+            return Response(status_code=499)
+        entries, summary = consumer.result()
         text = job.stream.text
         ngsd = dict(summary)
         if trace:

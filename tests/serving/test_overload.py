@@ -111,6 +111,25 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(server):
     assert status == 200 and answer["usage"]["completion_tokens"] <= 3
 
 
+def test_a_client_that_leaves_a_whole_request_frees_its_slot(server):
+    cancelled_before = server.metric("ngsd_requests_finished_total", 'finish_reason="cancelled"')
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+    connection.request("POST", "/v1/completions", json.dumps({"model": "ngsd-jax", "prompt": "How do I bake?",
+                                                              "max_tokens": LONG}), {"Content-Type": "application/json"})
+    deadline = time.monotonic() + 5
+    while not server.get("/health")["running"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.get("/health")["running"] == 1
+    connection.sock.close()
+    connection.close()
+    deadline = time.monotonic() + 5
+    while server.metric("ngsd_requests_finished_total", 'finish_reason="cancelled"') == cancelled_before and (
+            time.monotonic() < deadline):
+        time.sleep(0.05)
+    assert server.metric("ngsd_requests_finished_total", 'finish_reason="cancelled"') == cancelled_before + 1
+    assert server.get("/health")["running"] == 0
+
+
 def test_sigterm_drains_requests_in_flight_then_exits(server, flags):
     results = [[], []]
     threads = [threading.Thread(target=_stream, args=(server, LONG, results[i])) for i in range(2)]
