@@ -1,5 +1,5 @@
 """The slot engine: continuous batching over a fixed number of decode slots (JetStream's
-prefill / insert / generate, over the traced pieces of `ngsd_jax.engine`).
+prefill / insert / generate, over the traced pieces of `ngsd_jax.decoding.program`).
 
 One state pytree holds `slots` rows, one request each: both models' KV caches (or the
 paired cache of an adapter expert), next-token logits, the neuron potential, alpha, the
@@ -7,12 +7,15 @@ LIF settings, sampling settings, position, generated count, budget and done flag
 
 - `prefill(request)` runs one prompt (padded to a length bucket) into fresh [1, context]
   caches: one compiled program per bucket. With the expert reflecting, the row's alpha is
-  set there from the expert's first-token distribution (`--reflect expert`).
+  set there from the expert's probability of opening its answer with a refusal, whole, read
+  from the request's own prefill cache at its prompt's end (`--reflect expert`: one
+  teacher-forced pass over the opening trie, `program.opening_probabilities`, as
+  `Engine.decode` does it).
 - `insert(prefix, slot)` writes those rows into the state at `slot` and resets the slot's
   neuron, counters and settings: one program.
 - `generate()` runs `chunk` steps over all slots at once (choose, then forward, per step,
-  exactly as `Engine.decode`'s loop: `engine._choose`, `engine._step`,
-  `engine._paired_forward`) and returns each step's token and gate telemetry per slot: a
+  exactly as `Engine.decode`'s loop: `program.choose_scores`, `program.step`,
+  `program.paired_forward`) and returns each step's token and gate telemetry per slot: a
   greedy and a sampling program per batch width (powers of two up to `slots`), since a
   request takes the lowest free slot and a chunk runs over the narrowest width holding every
   slot in use.
@@ -38,21 +41,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ngsd_jax import ngsd, reflection
-from ngsd_jax.engine import (
-    PROMPT_BUCKETS,
-    DecodeState,
-    Engine,
-    _choose,
-    _compiler_options,
-    _paired_cache,
-    _paired_forward,
-    _paired_prefill,
-    _prefill,
-    _probabilities,
-    _step,
-    bucket_length,
-)
+from ngsd_jax.decoding import program
+from ngsd_jax.decoding.batching import PROMPT_BUCKETS, bucket_length
+from ngsd_jax.decoding.engine import Engine
+from ngsd_jax.decoding.gate import GateConfig, choose_token, gate_problem
+from ngsd_jax.decoding.program import DecodeState
+from ngsd_jax.decoding.risk import ExpertRisk, alpha_from_risk_array, risk_from_opening_probabilities
 
 SERVING_MODES = ("ngsd", "base")
 
@@ -69,7 +63,7 @@ class SlotConfig:
     context: int = 512  # tokens per slot: prompt and completion together
     chunk: int = 8  # decode steps per generate call
     mode: str = "ngsd"  # the server's mode; requests may choose "base" when it is "ngsd"
-    gate: ngsd.GateConfig = ngsd.GateConfig()  # top_k and divergence for every row; the rest: defaults per row
+    gate: GateConfig = GateConfig()  # top_k and divergence for every row; the rest: defaults per row
     sampling_top_k: int = 0
     # An adapter expert whose prompt is every request's base prompt: the layers below the first
     # adapted one then run once per slot, not once per row set (as Engine.decode does for such
@@ -106,6 +100,9 @@ class SlotRequest:
     seed: int = 0
     steer: bool = True  # False: mode "base", the base's own choice at every step
     alpha: float | None = None  # None: the server's alpha (reflected from the expert when it reflects)
+    # The expert prompt's tokens the risk reads (None: all; a prompt ending with forced answer
+    # text gives the length before it, as Engine.decode's risk_lengths)
+    risk_length: int | None = None
     tau: float | None = None  # None: the server's gate settings
     threshold: float | None = None
     soft_reset: float | None = None
@@ -146,7 +143,7 @@ class SlotState(NamedTuple):
 
 
 class _RowGate(NamedTuple):
-    """`ngsd.GateConfig` with the LIF numbers per row ([S] arrays; `ngsd.lif_step` broadcasts them)."""
+    """`gate.GateConfig` with the LIF numbers per row ([S] arrays; `gate.lif_step` broadcasts them)."""
 
     tau: Any
     threshold: Any
@@ -157,7 +154,7 @@ class _RowGate(NamedTuple):
 
 
 class _RowSettings(NamedTuple):
-    """What `engine._choose` reads of DecodeSettings."""
+    """What `program.choose_scores` reads of DecodeSettings."""
 
     mode: str
     gate: _RowGate
@@ -193,7 +190,7 @@ class SlotEngine:
     then such requests get theirs from the expert's prefill (`--reflect expert`)."""
 
     def __init__(self, engine: Engine, config: SlotConfig = SlotConfig(), alpha: float = 0.5,
-                 expert_risk: reflection.ExpertRisk | None = None):
+                 expert_risk: ExpertRisk | None = None):
         if engine.mesh is not None:
             raise ServingError("serve runs on one device; drop --mesh")
         if engine.base_graph is None:
@@ -209,7 +206,10 @@ class SlotEngine:
         self.config = config
         self.engine = engine
         self.vocab_size = engine.vocab_size
-        self.paired = uses_expert and engine.has_adapter
+        # An adapter pair runs every request in the paired layout, the base alone too (as
+        # `Engine.decode` does): a base row is then the very computation of the base rows beside
+        # the expert's.
+        self.paired = engine.has_adapter
         self.shared = self.paired and config.shared_prompts
         self.uses_expert = uses_expert
         self.expert_risk = expert_risk
@@ -226,7 +226,7 @@ class SlotEngine:
                 raise ServingError("base and expert must both be scanned or both unrolled")
         self.batch_axis = 1 if scanned else 0  # stacked caches are [layers, batch, ...]
         self.compilations = 0  # programs traced (each is compiled once), counted while tracing
-        options = _compiler_options(*self.params.values())
+        options = program.compiler_options(*self.params.values())
         self._init_jit = jax.jit(self._init_traced, compiler_options=options)
         self._prefill_jit = jax.jit(self._prefill_traced, compiler_options=options)
         self._insert_jit = jax.jit(self._insert_traced, donate_argnums=(0,), compiler_options=options)
@@ -250,6 +250,9 @@ class SlotEngine:
             raise ServingError("empty prompt: it needs at least one token")
         if request.max_tokens < 1:
             raise ServingError("max_tokens must be >= 1")
+        expert_len = len(request.base_prompt if request.expert_prompt is None else request.expert_prompt)
+        if request.risk_length is not None and not 1 <= request.risk_length <= expert_len:
+            raise ServingError("risk_length must lie in 1..the length of the expert prompt")
         if self.shared and request.expert_prompt is not None and list(request.expert_prompt) != list(
                 request.base_prompt):
             raise ServingError("this server runs the adapter expert on the base's prompts; the expert's differs")
@@ -257,7 +260,7 @@ class SlotEngine:
         if longest + request.max_tokens > self.config.context:
             raise ServingError(f"this model's context is {self.config.context} tokens; the prompt has {longest} "
                                f"and max_tokens asks for {request.max_tokens} more")
-        problem = ngsd.gate_problem({**self._gate_defaults(request), "top_k": self.config.gate.top_k,
+        problem = gate_problem({**self._gate_defaults(request), "top_k": self.config.gate.top_k,
                                      "divergence": self.config.gate.divergence})
         if problem:
             raise ServingError(problem)
@@ -277,9 +280,11 @@ class SlotEngine:
         inputs = {"base_prompt": pad(request.base_prompt), "expert_prompt": pad(expert_prompt),
                   "base_len": np.array([len(request.base_prompt)], np.int32),
                   "expert_len": np.array([len(expert_prompt)], np.int32),
-                  "alpha": np.array([alpha], np.float32), "from_expert": np.array([from_expert])}
+                  "alpha": np.array([alpha], np.float32), "from_expert": np.array(from_expert)}
         if self.expert_risk is not None:
-            inputs["refusal_opening"] = np.asarray(self.expert_risk.opening_mask, np.float32)[: self.vocab_size]
+            inputs["risk_len"] = np.array([len(expert_prompt) if request.risk_length is None
+                                           else request.risk_length], np.int32)
+            inputs["opening_trie"] = self.expert_risk.trie
             inputs["alpha_levels"] = np.asarray(self.expert_risk.mapping.levels, np.float32)
             inputs["risk_thresholds"] = np.asarray(self.expert_risk.mapping.thresholds, np.float32)
         return self._prefill_jit(self.params, inputs)
@@ -372,7 +377,7 @@ class SlotEngine:
         base, expert, paired = self._models(params)
         length = self.config.context
         if paired is not None:
-            return _paired_cache(paired, self.engine.first_adapted, self.shared, batch, length), None
+            return program.paired_cache(paired, self.engine.first_adapted, self.shared, batch, length), None
         return base.new_cache(batch, length), None if expert is None else expert.new_cache(batch, length)
 
     def _init_traced(self, params):
@@ -380,7 +385,7 @@ class SlotEngine:
         s = self.config.slots
         base_cache, expert_cache = self._caches(params, s)
         rows = self.engine.base_config.vocab_size
-        expert_rows = self.engine.expert_config.vocab_size if self.uses_expert else 1
+        expert_rows = self.engine.expert_config.vocab_size if self.uses_expert or self.paired else 1
         f32 = lambda value=0.0: jnp.full((s,), value, jnp.float32)  # noqa: E731
         i32 = jnp.zeros((s,), jnp.int32)
         gate = self.config.gate
@@ -400,24 +405,34 @@ class SlotEngine:
             prompt = inputs["base_prompt"] if self.shared else jnp.concatenate([inputs["base_prompt"],
                                                                                  inputs["expert_prompt"]])
             lengths = jnp.concatenate([inputs["base_len"], inputs["expert_len"]])
-            logits, base_cache = _paired_prefill(paired, self.engine.first_adapted, self.shared, prompt, lengths,
+            logits, base_cache = program.paired_prefill(paired, self.engine.first_adapted, self.shared, prompt, lengths,
                                                  base_cache)
             base_logits, expert_logits = logits[:1], logits[1:]
         else:
-            base_logits, base_cache = _prefill(base, inputs["base_prompt"], inputs["base_len"], base_cache)
+            base_logits, base_cache = program.prefill(base, inputs["base_prompt"], inputs["base_len"], base_cache)
             expert_logits = jnp.zeros((1, 1), jnp.float32)
             if expert is not None:
-                expert_logits, expert_cache = _prefill(expert, inputs["expert_prompt"], inputs["expert_len"],
+                expert_logits, expert_cache = program.prefill(expert, inputs["expert_prompt"], inputs["expert_len"],
                                                        expert_cache)
         alpha, risk = inputs["alpha"], jnp.full((1,), jnp.nan, jnp.float32)
         if self.expert_risk is not None:
-            # The same reading of the expert's prefill as Engine.decode's alpha_from_expert.
-            reflected = reflection.risk_from_refusal_opening(_probabilities(expert_logits, self.vocab_size),
-                                                             inputs["refusal_opening"])
-            from_expert = inputs["from_expert"]
-            alpha = jnp.where(from_expert, reflection.alpha_from_risk_array(
-                reflected, inputs["alpha_levels"], inputs["risk_thresholds"]), alpha)
-            risk = jnp.where(from_expert, reflected, risk)
+            # Engine.decode's alpha_from_expert, on this request's own prefill cache: 10 x the
+            # expert's probability of opening with a refusal, whole, after the prompt's first
+            # `risk_len` tokens. Skipped when the request sets its alpha itself.
+            trie = inputs["opening_trie"]
+            prompt = inputs["base_prompt"] if self.shared else inputs["expert_prompt"]
+            model, cache = (paired, base_cache) if paired is not None else (expert, expert_cache)
+
+            def reflected():
+                last = jnp.take_along_axis(prompt, (inputs["risk_len"] - 1)[:, None], axis=1)[:, 0]
+                opening = program.opening_probabilities(model, cache, paired is not None, self.engine.first_adapted,
+                                                        self.shared, last, inputs["risk_len"], trie.rows,
+                                                        prompt.shape[1], self.vocab_size)
+                return risk_from_opening_probabilities(opening, trie).astype(jnp.float32)
+
+            risk = jax.lax.cond(inputs["from_expert"], reflected, lambda: risk)
+            alpha = jnp.where(inputs["from_expert"], alpha_from_risk_array(
+                risk, inputs["alpha_levels"], inputs["risk_thresholds"]), alpha)
         return Prefix(base_cache, expert_cache, base_logits, expert_logits, alpha, risk)
 
     def _insert_traced(self, state: SlotState, prefix: Prefix, row) -> SlotState:
@@ -506,12 +521,12 @@ class SlotEngine:
                                expert_len=None, base_logits=st.base_logits, expert_logits=st.expert_logits, v=st.v,
                                done=st.done | ~st.steer, tokens=None, trace_d=None, trace_v=None, trace_spike=None,
                                trace_alpha=None)
-            scores, d, v, spike, in_force = _choose(_RowSettings(config.mode, gate), view, st.alpha, st.temperature,
+            scores, d, v, spike, in_force = program.choose_scores(_RowSettings(config.mode, gate), view, st.alpha, st.temperature,
                                                     st.top_p, vocab)
             if sampling:
                 # One key per row from its own seed and step: a row's draws do not depend on its slot.
                 keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(st.seed, st.step)
-                token = jax.vmap(lambda sc, key, t, p: ngsd.choose_token(sc[None], key, t, config.sampling_top_k, p)[0])(
+                token = jax.vmap(lambda sc, key, t, p: choose_token(sc[None], key, t, config.sampling_top_k, p)[0])(
                     scores, keys, st.temperature, st.top_p)
             else:
                 token = jnp.argmax(scores, axis=-1).astype(jnp.int32)
@@ -524,13 +539,13 @@ class SlotEngine:
                 else:
                     tokens = jnp.concatenate([token, token])[:, None]
                     positions = jnp.concatenate([st.base_len, st.expert_len])[:, None]
-                hidden, cache = _paired_forward(paired, self.engine.first_adapted, self.shared, tokens, positions,
+                hidden, cache = program.paired_forward(paired, self.engine.first_adapted, self.shared, tokens, positions,
                                                 st.base_cache)
                 logits = paired.logits(hidden[:, 0])
                 base_logits, expert_logits, base_cache, expert_cache = logits[:s], logits[s:], cache, None
             else:
-                base_logits, base_cache = _step(base, token, st.base_len, st.base_cache)
-                expert_logits, expert_cache = (st.expert_logits, st.expert_cache) if expert is None else _step(
+                base_logits, base_cache = program.step(base, token, st.base_len, st.base_cache)
+                expert_logits, expert_cache = (st.expert_logits, st.expert_cache) if expert is None else program.step(
                     expert, token, st.expert_len, st.expert_cache)
             advance = live.astype(jnp.int32)
             return st._replace(base_cache=base_cache, expert_cache=expert_cache, base_logits=base_logits,

@@ -9,13 +9,16 @@ import dataclasses
 import numpy as np
 import pytest
 
-from ngsd_jax import reflection
-from ngsd_jax.engine import DecodeSettings, Engine
-from ngsd_jax.loading import load_model
-from ngsd_jax.ngsd import GateConfig
+from ngsd_jax.checkpoints.weights import load_model
+from ngsd_jax.decoding import risk
+from ngsd_jax.decoding.engine import Engine
+from ngsd_jax.decoding.gate import GateConfig
+from ngsd_jax.decoding.settings import DecodeSettings
 from ngsd_jax.serving.slots import ServingError, SlotConfig, SlotEngine, SlotRequest
 
 VOCAB = 256
+# Refusal openings as token sequences (some sharing a first token), for --reflect expert.
+OPENINGS = [(5,), (17, 40), (17, 99, 123), (17, 99, 7), (200, 201, 250, 9)]
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +61,10 @@ def _alone(engine, request: SlotRequest, expert_risk=None):
     gate = GateConfig(**{k: getattr(request, k) for k in ("tau", "threshold", "soft_reset", "v_reset")
                          if getattr(request, k) is not None})
     settings = DecodeSettings(mode="ngsd" if request.steer else "base", max_new_tokens=request.max_tokens, gate=gate)
+    risk_lengths = None if expert_risk is None or request.risk_length is None else [request.risk_length]
     return engine.decode([request.base_prompt], [request.expert_prompt or request.base_prompt], settings,
-                         alpha=0.5 if request.alpha is None else request.alpha, expert_risk=expert_risk)
+                         alpha=0.5 if request.alpha is None else request.alpha, expert_risk=expert_risk,
+                         risk_lengths=risk_lengths)
 
 
 def _assert_same_as_alone(engine, got, request, expert_risk=None):
@@ -102,20 +107,24 @@ def test_greedy_equals_decode_alone_whatever_the_join_step(models):
     assert sum(sum(r["spike"]) for r in results.values()) >= 5, "the gate must fire for this test to mean much"
 
 
-def test_alpha_from_the_expert_equals_decode(models):
-    base, expert = models
-    engine = Engine(base, expert, vocab_size=VOCAB, stop_ids=[])
-    prompts = _prompts(3, [7, 11, 5, 9])
-    opening = np.zeros((VOCAB,), np.float32)
-    opening[[5, 17, 40, 99, 123, 200, 201, 250]] = 1.0
+def _check_alpha_from_the_expert(engine, slots_config, prompts, expert_prompts=None):
+    """Each request's risk and alpha read from its own prefill equal Engine.decode's (the
+    whole-opening risk at the prompt's end), and so do its tokens."""
+    expert_prompts = expert_prompts or [None] * len(prompts)
+    trie = risk.opening_trie(OPENINGS, VOCAB)
     # Thresholds between the risks, so that the requests span the alpha levels.
-    risks = sorted(engine.decode(prompts, None, DecodeSettings(max_new_tokens=1), expert_risk=reflection.ExpertRisk(
-        opening)).risk)
-    mapping = reflection.AlphaMapping((0.0, 0.4, 0.95), ((risks[0] + risks[1]) / 2, (risks[2] + risks[3]) / 2))
-    expert_risk = reflection.ExpertRisk(opening, mapping)
-    slots = SlotEngine(engine, SlotConfig(slots=2, context=64, chunk=3), expert_risk=expert_risk)
-    requests = [(i, SlotRequest(p, max_tokens=12)) for i, p in enumerate(prompts)]
-    requests.append((0, SlotRequest(prompts[0], max_tokens=12, alpha=0.25)))  # a request's own alpha wins
+    risks = sorted(engine.decode(prompts, [e or p for p, e in zip(prompts, expert_prompts)],
+                                 DecodeSettings(max_new_tokens=1), expert_risk=risk.ExpertRisk(trie)).risk)
+    mapping = risk.AlphaMapping((0.0, 0.4, 0.95), ((risks[0] + risks[1]) / 2, (risks[2] + risks[3]) / 2))
+    expert_risk = risk.ExpertRisk(trie, mapping)
+    slots = SlotEngine(engine, slots_config, expert_risk=expert_risk)
+    requests = [(i, SlotRequest(p, e, max_tokens=12)) for i, (p, e) in enumerate(zip(prompts, expert_prompts))]
+    requests.append((0, SlotRequest(prompts[0], expert_prompts[0], max_tokens=12, alpha=0.25)))  # its own alpha wins
+    # Forced answer text after the prompt: the risk is read at the prompt's end, as decode's risk_lengths.
+    forced = _prompts(13, [3])[0]
+    attacked = (expert_prompts[1] or prompts[1]) + forced
+    requests.append((1, SlotRequest(prompts[1] + forced, None if expert_prompts[1] is None else attacked,
+                                    max_tokens=6, risk_length=len(attacked) - len(forced))))
     results = drive(slots, requests)
     for i, (_, request) in enumerate(requests):
         alone = _assert_same_as_alone(engine, results[i], request, None if request.alpha else expert_risk)
@@ -124,7 +133,15 @@ def test_alpha_from_the_expert_equals_decode(models):
             assert results[i]["risk"] == pytest.approx(float(alone.risk[0]), rel=1e-5)
         else:
             assert results[i]["row_alpha"] == 0.25 and results[i]["risk"] is None
+    assert results[len(prompts) + 1]["risk"] == pytest.approx(results[1]["risk"], rel=1e-5)
     assert len({r["row_alpha"] for r in results.values()}) >= 3
+    assert min(risks) > 0  # every prompt gives the openings some probability
+
+
+def test_alpha_from_the_expert_equals_decode(models):
+    base, expert = models
+    engine = Engine(base, expert, vocab_size=VOCAB, stop_ids=[])
+    _check_alpha_from_the_expert(engine, SlotConfig(slots=2, context=64, chunk=3), _prompts(3, [7, 11, 5, 9]))
 
 
 def test_no_compilation_after_warm_up(models):
@@ -179,7 +196,8 @@ def adapter_engine(make_tiny_hf):
     """A 4-layer base with an all-linear LoRA expert on its top two layers, run as an adapter."""
     from flax import nnx
 
-    from ngsd_jax.lora import apply_lora, extract_adapter
+    from ngsd_jax.checkpoints.adapter import extract_adapter
+    from ngsd_jax.models.lora import apply_lora
 
     base = load_model(make_tiny_hf("llama", num_hidden_layers=4))
     model = nnx.clone(base)
@@ -233,3 +251,22 @@ def test_adapter_expert_on_shared_prompts_equals_decode_alone(adapter_engine):
     assert sum(sum(r["spike"]) for r in results.values()) >= 3
     with pytest.raises(ServingError, match="the expert's differs"):
         slots.check(SlotRequest([5, 6, 7], [5, 6], max_tokens=2))
+
+
+def test_adapter_expert_alpha_from_the_expert_equals_decode(adapter_engine):
+    # The risk's pass over the paired cache: the expert's own prompts, then the base's (shared layers).
+    prompts = _prompts(14, [7, 11, 5, 9])
+    _check_alpha_from_the_expert(adapter_engine, SlotConfig(slots=2, context=64, chunk=3), prompts,
+                                 _prompts(15, [9, 6, 12, 8]))
+    _check_alpha_from_the_expert(adapter_engine, SlotConfig(slots=2, context=64, chunk=3, shared_prompts=True),
+                                 prompts)
+
+
+def test_base_mode_server_on_an_adapter_pair_runs_the_paired_layout(adapter_engine):
+    # As Engine.decode's --mode base on an adapter engine: the base rows beside the expert's.
+    slots = SlotEngine(adapter_engine, SlotConfig(slots=2, context=64, chunk=3, mode="base"))
+    assert slots.paired
+    schedule = [(join, dataclasses.replace(request, steer=False)) for join, request in _mixed_schedule(12)]
+    results = drive(slots, schedule)
+    for i, (_, request) in enumerate(schedule):
+        _assert_same_as_alone(adapter_engine, results[i], request)
