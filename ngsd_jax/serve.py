@@ -14,22 +14,27 @@ import argparse
 import sys
 from pathlib import Path
 
-from ngsd_jax import decode
+from ngsd_jax import cli
+from ngsd_jax.errors import print_error
 
-SERVE_REFLECT = ("expert", "off")
+SERVE_FIELDS = ("host", "port", "slots", "context", "chunk", "queue_size", "max_tokens_limit", "served_model_name",
+                "request_modes", "alpha_range", "tau_range", "threshold_range", "request_gate", "drain_timeout",
+                "exit_after")
 
 
 def _range(text: str) -> tuple[float, float]:
-    low, high = decode._floats(2)(text)
-    if low > high:
-        raise argparse.ArgumentTypeError(f"expected LOW,HIGH with LOW <= HIGH; got {text!r}")
+    """argparse type: LOW,HIGH (their order is checked with the other options)."""
+    try:
+        low, high = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH, e.g. 0.1,0.9; got {text!r}") from None
     return low, high
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ngsd_jax.serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    decode.add_decode_options(p)
+    cli.add_decode_options(p)
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
@@ -53,62 +58,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def server_options(args, options: decode.Options):
-    """The typed options of the server from the command line and decode's resolved options."""
-    from ngsd_jax.ngsd import GateConfig
-    from ngsd_jax.serving.http import ServeSettings
-    from ngsd_jax.serving.server import ServerOptions
-    from ngsd_jax.serving.service import ChatFormat, RequestLimits
-    from ngsd_jax.serving.slots import SERVING_MODES, SlotConfig
+def serve_options(args: argparse.Namespace):
+    """ServeOptions from the flags: decode's options (command line over preset over defaults) and the server's."""
+    from ngsd_jax.serving.server import SERVE_REFLECT, ServeOptions, default_compilation_cache
 
-    if options.mode not in SERVING_MODES:
-        raise decode.UsageError(f"serve runs the modes {', '.join(SERVING_MODES)}, not --mode {options.mode}")
-    if args.reflect is None and options.reflect not in SERVE_REFLECT:
-        options.reflect = "expert"  # json and logit need a generation per request; the expert reads the prefill
-    if options.reflect not in SERVE_REFLECT:
-        raise decode.UsageError(f"serve sets alpha with --reflect expert or off, not --reflect {options.reflect}")
-    if options.early_stop:
-        raise decode.UsageError("serve does not run --early-stop")
-    modes = tuple(m for m in args.request_modes.split(",") if m)
-    if not modes or set(modes) - set(SERVING_MODES):
-        raise decode.UsageError(f"--request-modes takes modes among {', '.join(SERVING_MODES)}")
-    if min(args.slots, args.chunk, args.queue_size) < 1 or args.context < 2:
-        raise decode.UsageError("--slots, --chunk and --queue-size must be >= 1, --context >= 2")
-    reflect = options.reflect if options.mode == "ngsd" else "off"
-    gate = GateConfig(options.tau, options.threshold, options.v_reset, options.soft_reset, options.merge_top_k,
-                      options.divergence)
-    limit = args.max_tokens_limit or args.context - 1
-    # Both sides formatted alike: an adapter expert's prompt is the base's (one pass below the adapter).
-    shared = (options.expert_system_prompt == options.system_prompt
-              and options.expert_chat_template == options.chat_template)
-    web = ServeSettings(
-        model_name=args.served_model_name, max_tokens=min(options.max_new_tokens, limit), max_tokens_limit=limit,
-        temperature=args.temperature, top_p=args.top_p, seed=args.seed, drain_timeout=args.drain_timeout,
-        limits=RequestLimits(modes, args.alpha_range, args.tau_range, args.threshold_range, gate=args.request_gate),
-        chat=ChatFormat(options.system_prompt, options.expert_system_prompt, options.chat_template,
-                        options.expert_chat_template, options.thinking))
-    return ServerOptions(host=args.host, port=args.port, queue_size=args.queue_size, alpha=options.alpha,
-                         reflect=reflect, web=web, exit_after=args.exit_after,
-                         slots=SlotConfig(args.slots, args.context, args.chunk, options.mode, gate, args.top_k,
-                                          shared_prompts=shared))
+    decode = cli.decode_options(args)
+    if args.reflect is None and decode.reflect not in SERVE_REFLECT:
+        decode.reflect = "expert"  # json and logit need a generation per request; the expert reads the prefill
+    cache = None if args.no_compilation_cache else args.compilation_cache or default_compilation_cache()
+    return ServeOptions(decode=decode, compilation_cache=cache, **{k: getattr(args, k) for k in SERVE_FIELDS})
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        options = decode.resolve_options(args)
-        decode.check_options(options, args)
-        serve_options = server_options(args, options)
-        from ngsd_jax.serving.server import default_compilation_cache, enable_compilation_cache, serve
+        from ngsd_jax.serving.server import run_server
 
-        enable_compilation_cache(None if args.no_compilation_cache else
-                                 args.compilation_cache or default_compilation_cache())
-        pair = decode.load_pair(options, (options.mode,), args, ["Hello"])
-        return serve(pair.engine, pair.base_tokenizer, pair.expert_tokenizer, serve_options,
-                     decode.in_program_expert_risk(pair, options, options.mode))
-    except (decode.UsageError, ValueError, OSError) as err:
-        print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
-        return 2
+        return run_server(serve_options(args))
+    except (ValueError, OSError) as err:  # UsageError, ServingError, CheckpointError...
+        return print_error(err)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ class Metrics:
         self.finished = Counter("ngsd_requests_finished", "Requests ended, by finish reason", ["finish_reason"],
                                 registry=registry)
         self.model_refusals = Counter("ngsd_model_refusals",
-                                      "Completions that open with a refusal phrase (reflection.REFUSAL_OPENINGS)",
+                                      "Completions that open with a refusal phrase (refusals.EXPERT_OPENINGS)",
                                       ["mode"], registry=registry)
         self.rejected = Counter("ngsd_rejected_requests", "Requests turned away, by kind", ["kind"],
                                 registry=registry)

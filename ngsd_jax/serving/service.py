@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from ngsd_jax.reflection import REFUSAL_OPENINGS
+from ngsd_jax.checkpoints.tokenizer import as_ids, encode_chat, resolve_chat_template
+from ngsd_jax.refusals import EXPERT_OPENINGS
 from ngsd_jax.serving.metrics import Metrics
 from ngsd_jax.serving.slots import ServingError, SlotEngine, SlotRequest
-from ngsd_jax.tokenizer import _as_ids, encode_chat, resolve_chat_template
 
 
 class QueueFull(Exception):
@@ -83,7 +83,7 @@ def encode_messages(tokenizer, messages: list[dict], system_prompt: str | None, 
     if roles[0] != "system" and system_prompt is not None:
         messages = [{"role": "system", "content": system_prompt}] + messages
     template = resolve_chat_template(tokenizer, chat_template)
-    return _as_ids(tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+    return as_ids(tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
                                                  tokenize=True, enable_thinking=thinking))
 
 
@@ -319,5 +319,5 @@ class Service:
         self.metrics.steered.inc(job.steered)
         if job.generated > 1 and job.first_token_at is not None:
             self.metrics.per_token.observe((now - job.first_token_at) / (job.generated - 1))
-        if job.stream.text.lstrip().startswith(REFUSAL_OPENINGS):
+        if job.stream.text.lstrip().startswith(EXPERT_OPENINGS):
             self.metrics.model_refusals.labels(job.mode).inc()
