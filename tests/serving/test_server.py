@@ -210,3 +210,29 @@ def test_metrics(server, client):
     assert server.metric("ngsd_spikes_total") == before + spikes
     assert server.metric("ngsd_slots") == 3
     assert server.metric("ngsd_time_to_first_token_seconds_count") >= 1
+
+
+def test_alpha_from_the_expert_equals_decode(chat_pair, chat_adapter, tmp_path, capsys):
+    """--reflect expert with an adapter expert: each request's risk (the expert's probability of
+    opening with a whole refusal opening, read from its own prefill) and alpha are decode's, and
+    so are its tokens."""
+    base, _ = chat_pair
+    flags = ["--base", base, "--expert", str(chat_adapter), "--reflect", "expert", "--max-new-tokens", str(MAX_TOKENS)]
+    argv = [*flags, "--json"]
+    for p in PROMPTS:
+        argv += ["--prompt", p]
+    assert decode.main(argv) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    process = ServerProcess(tmp_path / "server.log", *flags, "--slots", 2, "--context", 64, "--no-compilation-cache")
+    try:
+        client = openai.OpenAI(base_url=process.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        answers = _ask_together(client, PROMPTS, max_tokens=MAX_TOKENS, extra_body={"ngsd": {"trace": True}})
+    finally:
+        assert process.stop() == 0
+    for answer, record in zip(answers, records):
+        ngsd = answer.choices[0].model_extra["ngsd"]
+        assert ngsd["alpha_source"] == "expert" and record["reflection"]["mode"] == "expert"
+        assert ngsd["risk"] == pytest.approx(record["reflection"]["risk"], rel=1e-4, abs=1e-6)
+        assert ngsd["alpha"] == pytest.approx(record["reflection"]["alpha"])
+        _assert_matches(ngsd, answer.choices[0].message.content, record)
+    assert any(r["reflection"]["risk"] > 0 for r in records)
