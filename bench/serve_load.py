@@ -1,18 +1,19 @@
 """Serving load: aggregate tokens/s, time to first token and time per output token (p50, p99) at
 several concurrencies against `python -m ngsd_jax.serve` on loopback, side by side in one run
-with the same requests sent one by one through the engine's `decode`.
+with the same requests sent one by one through decode's own path (`decoding.pair.decode_batch`).
 
     python bench/serve_load.py                                   # the default pair
     python bench/serve_load.py --base B --expert E --levels 1,4,16,64 --max-tokens 32
 
 With no --expert and no default expert built yet, the expert is a random LoRA adapter with the
-default recipe's shapes over the base (bench/decode_speed.py's `synthetic_adapter`): the
-default pair's cost, not its answers. Greedy, NGSD on, --reflect expert; the server runs
---slots slots and a level of concurrency c sends max(2c, 8) requests (bounded: at most 128)
-from c client threads, streaming with gate telemetry (one event per token). Requests that
-stop early count the tokens they generated. Per token: (last token - first token) / (n - 1) as
-the client receives them (they arrive a generate chunk at a time); decode's TTFT is its whole
-call, since it returns all tokens at once.
+default recipe's shapes over the base (bench/common.py's `synthetic_adapter`): the default
+pair's cost, not its answers. Greedy, NGSD on, --reflect expert; the server runs --slots slots
+and a level of concurrency c sends max(2c, 8) requests (bounded: at most 128) from c client
+threads, streaming with gate telemetry (one event per token). Requests that stop early count
+the tokens they generated. Per token: (last token - first token) / (n - 1) as the client
+receives them (they arrive a generate chunk at a time); decode's TTFT is its whole call, since
+it returns all tokens at once (each request is decoded once untimed first, to compile, then
+timed: bench/common.py's `time_round_robin`).
 """
 
 from __future__ import annotations
@@ -21,17 +22,24 @@ import argparse
 import http.client
 import json
 import os
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "bench")]  # this checkout's ngsd_jax, and decode_speed
+sys.path.insert(1, str(REPO))  # the server runs this checkout's ngsd_jax (cwd=REPO); so must decode here
 
-PROMPTS = ["Why is the sky blue?", "Give me three tips for sleeping better.", "How do I pick a lock?",
+from common import SHORT_PROMPT, load_default_pair, model_flags, synthetic_adapter, time_round_robin  # noqa: E402
+
+PROMPTS = [SHORT_PROMPT, "Give me three tips for sleeping better.", "How do I pick a lock?",
            "Write a short poem about the sea.", "Explain how vaccines work.", "How can I make a weapon at home?",
            "What is the capital of Australia?", "Summarise the plot of Hamlet in two sentences."]
 
@@ -44,57 +52,80 @@ def percentile(values, q):
 
 
 def resolve_pair(args, folder: Path) -> tuple[list[str], str]:
-    """Model flags shared by decode and serve, and a description of the pair."""
+    """Model flags shared by decode and serve (alpha from the expert's prefill), and a description of the pair."""
     if args.base or args.expert:
-        flags = (["--base", args.base] if args.base else []) + (["--expert", args.expert] if args.expert else [])
-        return flags, f"base {args.base or 'default'}, expert {args.expert or 'default'}"
-    from ngsd_jax.default_model import default_base_path, default_expert_path
+        return model_flags(args.base, args.expert) + ["--reflect", "expert"], (
+            f"base {args.base or 'default'}, expert {args.expert or 'default'}")
+    from ngsd_jax.checkpoints.default_model import default_base_path, default_expert_path
 
     if default_expert_path() is not None:
-        return [], "the default pair"
-    from decode_speed import synthetic_adapter
-
-    from ngsd_jax.loading import load_model
-    from ngsd_jax.lora import save_adapter
+        return ["--reflect", "expert"], "the default pair"
+    from ngsd_jax.checkpoints.adapter import save_adapter
+    from ngsd_jax.checkpoints.weights import load_model
 
     base = str(default_base_path())
     adapter, _ = synthetic_adapter(load_model(base))
     save_adapter(adapter, folder / "adapter")
-    return ["--base", base, "--expert", str(folder / "adapter"), "--reflect", "expert"], (
+    return model_flags(base, str(folder / "adapter")) + ["--reflect", "expert"], (
         "the default base with a random adapter of the default recipe's shapes (no default expert yet)")
 
 
 def decode_one_by_one(flags, prompts, max_tokens) -> dict:
-    """The same requests through the engine's decode, one call per request (compiled first)."""
-    from ngsd_jax import decode
+    """The same requests through decode's path, one call per request (each compiled first)."""
+    from ngsd_jax.decoding.pair import decode_batch, decode_settings
 
-    args = decode.build_parser().parse_args(flags + ["--max-new-tokens", str(max_tokens), "--prompt", "x"])
-    options = decode.resolve_options(args)
-    decode.check_options(options, args)
-    pair = decode.load_pair(options, (options.mode,), args, prompts)
-    settings = decode.decode_settings(options, options.mode)
-    risk = decode.in_program_expert_risk(pair, options, options.mode)
-
-    def one(prompt):
-        base, expert = decode.encode_prompts(pair, options, [prompt])
-        alpha = [r.alpha for r in decode.reflect_prompts(pair, options, options.mode, [prompt])] if risk is None else 0.0
-        return decode.decode_prompts(pair, settings, args, base, expert, alpha, risk)
-
-    for prompt in prompts:  # compiles each bucket
-        one(prompt)
-    latencies, per_token, tokens = [], [], 0
-    start = time.perf_counter()
-    for prompt in prompts:
-        t0 = time.perf_counter()
-        n = int(one(prompt).lengths[0])
-        elapsed = time.perf_counter() - t0
-        tokens += n
-        latencies.append(elapsed)
-        per_token.append(elapsed / n)
-    wall = time.perf_counter() - start
+    pair, options = load_default_pair(flags, ("ngsd",), prompts, max_new_tokens=max_tokens)
+    settings = decode_settings(options, options.mode)
+    cases = {i: (lambda prompt=prompt: decode_batch(pair, options, settings, [prompt])[0])
+             for i, prompt in enumerate(prompts)}
+    _, results, timings = time_round_robin(cases, repeats=1)
+    latencies = [timings[i][0] for i in cases]
+    lengths = [int(results[i].lengths[0]) for i in cases]  # greedy: every call decodes the same tokens
+    wall, tokens = sum(latencies), sum(lengths)
     # decode returns a request's tokens all at once: its first token arrives with its last.
     return {"case": "decode, one by one", "requests": len(prompts), "tokens": tokens, "wall_s": wall,
-            "tokens_per_s": tokens / wall, "ttft": latencies, "per_token": per_token}
+            "tokens_per_s": tokens / wall, "ttft": latencies,
+            "per_token": [t / n for t, n in zip(latencies, lengths)]}
+
+
+class Server:
+    """`python -m ngsd_jax.serve FLAGS` on a free loopback port, its stderr in `log`; ready once
+    /health answers ok (every program compiled)."""
+
+    def __init__(self, log: Path, *flags, ready_timeout: float = 900):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.log = log
+        self._log_file = open(log, "w")  # noqa: SIM115  (closed in stop)
+        self.proc = subprocess.Popen([sys.executable, "-m", "ngsd_jax.serve", "--host", "127.0.0.1", "--port",
+                                      str(self.port), *map(str, flags)], cwd=REPO, stdout=subprocess.DEVNULL,
+                                     stderr=self._log_file)
+        deadline = time.monotonic() + ready_timeout
+        while not self._healthy():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the server did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.5)
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=30) as response:
+                return json.loads(response.read()).get("status") == "ok"
+        except (OSError, urllib.error.URLError, ValueError):
+            return False
+
+    def stop(self, timeout: float = 120) -> int:
+        """SIGTERM: the server drains and exits."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+        finally:
+            self._log_file.close()
 
 
 def stream_request(port: int, prompt: str, max_tokens: int) -> dict:
@@ -167,12 +198,9 @@ def main() -> int:
         print(f"pair: {described}", flush=True)
         rows = [decode_one_by_one(flags, PROMPTS, args.max_tokens)]
         print(f"decode one by one: {rows[0]['tokens_per_s']:.1f} tokens/s", flush=True)
-        sys.path.insert(0, str(REPO / "tests" / "serving"))
-        from server_process import ServerProcess
-
-        server = ServerProcess(Path(folder) / "server.log", *flags, "--slots", args.slots, "--context", args.context,
-                               "--chunk", args.chunk, "--queue-size", 256, "--max-new-tokens", args.max_tokens,
-                               lifetime=3600, ready_timeout=900)
+        server = Server(Path(folder) / "server.log", *flags, "--slots", args.slots, "--context", args.context,
+                        "--chunk", args.chunk, "--queue-size", 256, "--max-new-tokens", args.max_tokens,
+                        "--exit-after", 3600)
         try:
             for level in levels:
                 rows.append(load_level(server.port, level, args.max_tokens))
