@@ -106,7 +106,8 @@ def resolve_chat_template(tokenizer, chat_template: str | Path | None = None) ->
     return template
 
 
-def _as_ids(encoded) -> list[int]:
+def as_ids(encoded) -> list[int]:
+    """Token ids from what a tokenizer call or `apply_chat_template(tokenize=True)` returns."""
     # transformers 5 returns a BatchEncoding (a Mapping); 4.x returned the list itself.
     if isinstance(encoded, Mapping):
         encoded = encoded["input_ids"]
@@ -141,11 +142,11 @@ def encode_chat(tokenizer, user_message: str, system_prompt: str | None = None,
 
     try:
         try:
-            ids = _as_ids(render(messages))
+            ids = as_ids(render(messages))
         except jinja2.TemplateError:
             if system_prompt is None:
                 raise
-            ids = _as_ids(render([{"role": "user", "content": f"{system_prompt}\n\n{user_message}"}]))
+            ids = as_ids(render([{"role": "user", "content": f"{system_prompt}\n\n{user_message}"}]))
     except jinja2.TemplateError as err:
         raise TokenizerError(f"the chat template failed on this conversation ({_first_line(err)})") from None
     if isinstance(response_prefix, str):
