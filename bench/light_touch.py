@@ -171,8 +171,15 @@ def main():
                                                   for k, v in stats.items()), flush=True)
 
     for source in args.auc:
-        rating = dataclasses.replace(options, reflect=source)
-        risks = {set_name: [r.risk for chunk in batches(prompts) for r in reflect_prompts(pair, rating, "ngsd", chunk)]
+        rating = dataclasses.replace(options, reflect=source, max_new_tokens=1)
+
+        def rate(chunk):
+            # expert: read inside the decode program, as decode does; json and logit: a reflection call.
+            if source == "expert":
+                return decode_batch(pair, rating, decode_settings(rating, "ngsd"), chunk)[1]
+            return reflect_prompts(pair, rating, "ngsd", chunk)
+
+        risks = {set_name: [r.risk for chunk in batches(prompts) for r in rate(chunk)]
                  for set_name, prompts in sets.items()}
         aucs = {f"harmful vs {other}": harmful_auc(risks["harmful"], risks[other])
                 for other in risks if other != "harmful" and "harmful" in risks}
