@@ -14,7 +14,7 @@ from ngsd_jax.decoding.risk import REFLECT_MODES, REFLECT_PARSERS
 from ngsd_jax.decoding.settings import MODES
 from ngsd_jax.errors import UsageError
 from ngsd_jax.parallel.memory import DeviceOptions
-from ngsd_jax.paths import PRESETS_DIR
+from ngsd_jax.paths import PRESETS_DIR, compilation_cache_dir
 
 DEFAULT_PRESET = "smollm2-135m"
 
@@ -138,10 +138,16 @@ def add_device_options(parser: argparse.ArgumentParser) -> None:
                             "on a multi-host Cloud TPU VM slice (jax finds the workers in the VM's metadata); "
                             "automatic where TPU_WORKER_HOSTNAMES lists several hosts (GKE) or "
                             "JAX_COORDINATOR_ADDRESS is set")
+    group.add_argument("--compilation-cache", type=Path, default=None, metavar="DIR",
+                       help="JAX's persistent compilation cache, so that a second start compiles nothing "
+                            "(default $NGSD_COMPILATION_CACHE, else ~/.cache/ngsd-jax/xla)")
+    group.add_argument("--no-compilation-cache", action="store_true", help="compile every program at every start")
 
 
 def device_options(args: argparse.Namespace) -> DeviceOptions:
-    return DeviceOptions(mesh=args.mesh, device_memory=args.device_memory, multi_host=args.multi_host)
+    cache = None if args.no_compilation_cache else args.compilation_cache or compilation_cache_dir()
+    return DeviceOptions(mesh=args.mesh, device_memory=args.device_memory, multi_host=args.multi_host,
+                         compilation_cache=cache)
 
 
 def decode_options(args: argparse.Namespace) -> DecodeOptions:

@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from ngsd_jax.parallel import distributed
 
     distributed.initialize(options.devices.multi_host)  # before any other jax call
+    distributed.enable_compilation_cache(options.devices.compilation_cache)
     from tqdm import tqdm
 
     from ngsd_jax.decoding.pair import decode_batch, decode_settings, load_pair

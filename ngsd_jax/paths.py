@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 ENV_CHECKPOINTS = "NGSD_CHECKPOINTS"
+ENV_COMPILATION_CACHE = "NGSD_COMPILATION_CACHE"  # a directory, or "off"
 
 
 def _shipped(folder: str) -> Path:
@@ -43,3 +44,12 @@ def checkpoints_dir() -> Path:
     if root is not None:
         return root / "checkpoints"
     return Path.home() / ".cache" / "ngsd-jax" / "checkpoints"
+
+
+def compilation_cache_dir() -> Path | None:
+    """JAX's persistent compilation cache: $NGSD_COMPILATION_CACHE ("off": none), else
+    $XDG_CACHE_HOME/ngsd-jax/xla (default ~/.cache/ngsd-jax/xla)."""
+    env = os.environ.get(ENV_COMPILATION_CACHE)
+    if env:
+        return None if env == "off" else Path(env).expanduser().absolute()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ngsd-jax" / "xla"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from ngsd_jax import cli
 from ngsd_jax.errors import print_error
@@ -50,9 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threshold-range", type=_range, default=(0.05, 10.0), metavar="LOW,HIGH")
     s.add_argument("--request-gate", action=argparse.BooleanOptionalAction, default=True,
                    help="let requests set tau, threshold, soft_reset and v_reset (default on)")
-    s.add_argument("--compilation-cache", type=Path, default=None,
-                   help="JAX's persistent compilation cache (default ~/.cache/ngsd-jax/xla)")
-    s.add_argument("--no-compilation-cache", action="store_true", help="compile everything at every start")
     s.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish requests at shutdown")
     s.add_argument("--exit-after", type=float, default=None, help=argparse.SUPPRESS)  # tests and benchmarks
     return p
@@ -60,13 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def serve_options(args: argparse.Namespace):
     """ServeOptions from the flags: decode's options (command line over preset over defaults) and the server's."""
-    from ngsd_jax.serving.server import SERVE_REFLECT, ServeOptions, default_compilation_cache
+    from ngsd_jax.serving.server import SERVE_REFLECT, ServeOptions
 
     decode = cli.decode_options(args)
     if args.reflect is None and decode.reflect not in SERVE_REFLECT:
         decode.reflect = "expert"  # json and logit need a generation per request; the expert reads the prefill
-    cache = None if args.no_compilation_cache else args.compilation_cache or default_compilation_cache()
-    return ServeOptions(decode=decode, compilation_cache=cache, **{k: getattr(args, k) for k in SERVE_FIELDS})
+    return ServeOptions(decode=decode, **{k: getattr(args, k) for k in SERVE_FIELDS})
 
 
 def main(argv=None) -> int:

@@ -49,6 +49,10 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+# The command lines keep compiled programs in ~/.cache by default; tests that call them in this
+# process must not write there (a test that wants the cache names a folder).
+os.environ["NGSD_COMPILATION_CACHE"] = "off"
+
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),

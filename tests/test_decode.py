@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -575,3 +578,21 @@ def test_modes_without_the_expert_read_nothing_of_an_adapter_expert(chat_pair, c
     if not corrupt:  # and the adapter is a working expert where the mode runs it
         code, _, err = _run(capsys, *args, "--mode", "always", "--reflect", "off")
         assert code == 0, err
+
+
+def test_a_second_decode_reads_every_program_from_the_compilation_cache(chat_pair, tmp_path):
+    """Two runs of the same command in fresh interpreters: the first fills the cache folder, the
+    second finds every program there and writes nothing new."""
+    base, expert = chat_pair
+    cache = tmp_path / "xla"
+    command = [sys.executable, "-m", "ngsd_jax.decode", "--base", base, "--expert", expert, "--prompt", "hi",
+               "--max-new-tokens", "4", "--reflect", "expert", "--compilation-cache", str(cache)]
+    env = {k: v for k, v in os.environ.items() if k != "NGSD_COMPILATION_CACHE"}
+    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 0, first.stderr
+    entries = sorted(p.name for p in cache.iterdir())
+    assert entries
+    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout == first.stdout
+    assert sorted(p.name for p in cache.iterdir()) == entries

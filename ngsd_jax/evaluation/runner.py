@@ -190,6 +190,7 @@ def evaluate(opts: EvalOptions) -> int:
     check_options(options)
     judge_name, judge = load_judge(opts.judge)
     distributed.initialize(options.devices.multi_host)  # before any other jax call
+    distributed.enable_compilation_cache(options.devices.compilation_cache)
     # Every process decodes every batch (one SPMD program) and judges its rows; process 0 alone
     # writes. A --resume reads the samples back on every process, so --out must then be shared.
     primary = distributed.is_primary()

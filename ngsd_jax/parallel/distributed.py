@@ -1,5 +1,6 @@
-"""Processes of a multi-host run: starting `jax.distributed` on a multi-host slice, which process
-speaks and writes, waiting for each other, and which rows of a batch each process places.
+"""The JAX runtime of a run: starting `jax.distributed` on a multi-host slice, the persistent
+compilation cache, which process speaks and writes, waiting for each other, and which rows of a
+batch each process places.
 
 Every process of a multi-host slice runs the same command on the same inputs (the JAX SPMD
 model); each places only its own devices' slices of the weights and its own rows of each
@@ -30,6 +31,17 @@ def initialize(multi_host: bool | None) -> None:
     """Starts jax.distributed when asked or detected; must run before any other jax call."""
     if multi_host or (multi_host is None and is_multi_host_launch()):
         jax.distributed.initialize()
+
+
+def enable_compilation_cache(directory: str | Path | None) -> None:
+    """JAX's persistent compilation cache in `directory` (None: off). Every program is kept, however
+    quick to compile, so that a second start of decode, eval or serve compiles nothing."""
+    if directory is None:
+        return
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def is_primary() -> bool:

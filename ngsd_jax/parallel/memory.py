@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from pathlib import Path
 
 import jax
 from flax import nnx
@@ -221,11 +222,13 @@ def choose_mesh(mesh_flag: str | None, plan_for, capacity: int | None):
 class DeviceOptions:
     """How a run spreads over devices: `mesh` ('data=D,fsdp=F,tensor=T', None: the default for the
     devices present), `device_memory` (one device's memory for the plan, e.g. '16GiB'; None: what
-    the device reports) and `multi_host` (start jax.distributed; None: when a launch is detected)."""
+    the device reports), `multi_host` (start jax.distributed; None: when a launch is detected) and
+    `compilation_cache` (JAX's persistent compilation cache directory; None: off)."""
 
     mesh: str | None = None
     device_memory: str | None = None
     multi_host: bool | None = None
+    compilation_cache: Path | None = None
 
 
 def plan_mesh(job: str, devices: DeviceOptions, plan_for, prefer: str, quiet_on_one_device: bool = False) -> MeshShape:

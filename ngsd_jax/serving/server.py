@@ -6,31 +6,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import signal
 import sys
 import threading
 import time
-from pathlib import Path
 
-import jax
 import uvicorn
 
 from ngsd_jax.decoding.gate import GateConfig
 from ngsd_jax.decoding.pair import DecodeOptions, check_options, in_program_expert_risk, load_pair
 from ngsd_jax.decoding.risk import ExpertRisk
 from ngsd_jax.errors import UsageError
+from ngsd_jax.parallel import distributed
 from ngsd_jax.serving.http import ServeSettings, create_app
 from ngsd_jax.serving.service import ChatFormat, RequestLimits, Service
 from ngsd_jax.serving.slots import SERVING_MODES, SlotConfig, SlotEngine
 
 SERVE_REFLECT = ("expert", "off")  # json and logit need a generation per request; the expert reads the prefill
-
-
-def default_compilation_cache() -> Path:
-    """$XDG_CACHE_HOME/ngsd-jax/xla (default ~/.cache/ngsd-jax/xla)."""
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return root / "ngsd-jax" / "xla"
 
 
 @dataclasses.dataclass
@@ -52,7 +44,6 @@ class ServeOptions:
     tau_range: tuple[float, float] = (1.0, 64.0)
     threshold_range: tuple[float, float] = (0.05, 10.0)
     request_gate: bool = True  # requests may set tau, threshold, soft_reset and v_reset
-    compilation_cache: Path | None = dataclasses.field(default_factory=default_compilation_cache)  # None: off
     drain_timeout: float = 30.0  # seconds to finish requests at shutdown
     exit_after: float | None = None  # seconds; then drain and exit (tests, benchmarks)
 
@@ -113,22 +104,11 @@ def server_setup(opts: ServeOptions) -> ServerSetup:
 def run_server(opts: ServeOptions) -> int:
     """A whole run: checks, the compilation cache, the pair (as decode loads it), then `serve`."""
     setup = server_setup(opts)
-    enable_compilation_cache(opts.compilation_cache)
+    distributed.enable_compilation_cache(opts.decode.devices.compilation_cache)
     options = opts.decode
     pair = load_pair(options, (options.mode,), ["Hello"])
     return serve(pair.engine, pair.base_tokenizer, pair.expert_tokenizer, setup,
                  in_program_expert_risk(pair, options, options.mode))
-
-
-def enable_compilation_cache(directory: str | Path | None) -> None:
-    """JAX's persistent compilation cache in `directory` (None: off). Every program is kept, however
-    quick to compile, so that a second start compiles nothing."""
-    if directory is None:
-        return
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def say(message: str) -> None:

@@ -59,6 +59,7 @@ def train_expert(opts: TrainOptions) -> int:
             raise UsageError(problem)
 
     distributed.initialize(opts.devices.multi_host)  # before any other jax call
+    distributed.enable_compilation_cache(opts.devices.compilation_cache)
     # Orbax writes each process's shards of the training state and of the expert into one directory.
     distributed.check_shared_directory(run_dir, "--run-dir")
     distributed.check_shared_directory(Path(output).absolute().parent, "--output")

@@ -41,4 +41,4 @@ def test_server_setup_follows_decode_options(tmp_path):
     args = serve.build_parser().parse_args(["--base", "b", "--expert", "e"])
     assert server_setup(serve.serve_options(args)).reflect == "expert"
     args = serve.build_parser().parse_args(["--base", "b", "--expert", "e", "--no-compilation-cache"])
-    assert serve.serve_options(args).compilation_cache is None
+    assert serve.serve_options(args).decode.devices.compilation_cache is None
