@@ -426,19 +426,23 @@ def build_default_dataset(recipe: Recipe, tokenizer, answers_from: BaseAnswers, 
 
     harmful = train_split(recipe.harmful_data, parse_harmful)
     benign = train_split(recipe.benign_data, parse_benign)
-    rng = np.random.default_rng(recipe.seed)
+    # One generator per draw, so that a change to one file or count leaves the other draws (and the
+    # base answers already generated for them) as they were.
+    def rng(draw: int):
+        return np.random.default_rng([recipe.seed, draw])
+
     if recipe.distill_prompts is not None and recipe.distill_prompts < len(benign):
-        benign = [benign[i] for i in sorted(rng.choice(len(benign), recipe.distill_prompts, replace=False))]
+        benign = [benign[i] for i in sorted(rng(0).choice(len(benign), recipe.distill_prompts, replace=False))]
     recovery_count = len(harmful) if recipe.recovery_prompts is None else min(recipe.recovery_prompts, len(harmful))
     recovery_count = recovery_count if recipe.recovery_prefix_tokens else 0
-    recovery = [harmful[i]["id"] for i in sorted(rng.choice(len(harmful), recovery_count, replace=False))]
+    recovery = [harmful[i]["id"] for i in sorted(rng(1).choice(len(harmful), recovery_count, replace=False))]
     ordinary = train_split(recipe.ordinary_data, parse_benign)
     if recipe.ordinary_prompts is not None and recipe.ordinary_prompts < len(ordinary):
-        ordinary = [ordinary[i] for i in sorted(rng.choice(len(ordinary), recipe.ordinary_prompts, replace=False))]
+        ordinary = [ordinary[i] for i in sorted(rng(2).choice(len(ordinary), recipe.ordinary_prompts, replace=False))]
     benign = benign + ordinary
     refusal_ids = None
     if recipe.refusal_prompts is not None and recipe.refusal_prompts < len(harmful):
-        refusal_ids = {harmful[i]["id"] for i in rng.choice(len(harmful), recipe.refusal_prompts, replace=False)}
+        refusal_ids = {harmful[i]["id"] for i in rng(3).choice(len(harmful), recipe.refusal_prompts, replace=False)}
     by_id = {r["id"]: r for r in harmful}
     requests = [(r["id"], r["prompt"]) for r in benign] + [(rid, by_id[rid]["prompt"]) for rid in recovery]
     data_dir = run_dir / "data"

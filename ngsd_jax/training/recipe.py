@@ -38,7 +38,7 @@ class Recipe:
     benign_data: str | list[str] | None = "benign.jsonl"
     # Everyday instructions, self-distilled like the benign prompts; `ordinary_prompts` of their
     # train split are drawn at random (None = all).
-    ordinary_data: str | None = None
+    ordinary_data: str | list[str] | None = None
     ordinary_prompts: int | None = None
     data: list[str] = dataclasses.field(default_factory=list)
     distill_prompts: int | None = None  # benign train prompts answered by the base (None = all)

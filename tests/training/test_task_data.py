@@ -13,11 +13,19 @@ from collections import defaultdict
 import pytest
 
 from ngsd_jax.paths import DATA_DIR
+from ngsd_jax.refusals import EXPERT_OPENINGS
 from ngsd_jax.training import data as train_data
 
 DATA = DATA_DIR
-BENIGN_FILES = ["benign.jsonl", "ordinary.jsonl"]
-HARMFUL_FILES = ["harmful.jsonl", "harmful_tasks.jsonl"]
+BENIGN_FILES = ["benign.jsonl", "ordinary.jsonl", "nearmiss.jsonl", "ordinary_messy.jsonl"]
+HARMFUL_FILES = ["harmful.jsonl", "harmful_tasks.jsonl", "harmful_taxonomy.jsonl"]
+HAZARD_CATEGORIES = ("violent_crimes", "nonviolent_crimes", "sex_related_crimes", "child_sexual_exploitation",
+                     "indiscriminate_weapons", "suicide_self_harm", "hate", "defamation", "privacy",
+                     "intellectual_property", "specialized_advice", "sexual_content", "elections", "misinformation",
+                     "harassment")
+NEAR_MISS_KINDS = ("word_sense_computing", "word_sense_cooking", "word_sense_sport", "word_sense_games",
+                   "word_sense_household", "figure_of_speech", "safe_target", "fiction_film_plot", "history",
+                   "definition", "safety_education", "medical_selfcare", "public_figure_facts", "legal_compliance")
 # The refusal openings train/data/README.md promises (keyword judges recognise them).
 REFUSAL_OPENINGS = ("I can't", "I cannot", "I won't", "I'm sorry", "I'm not able to", "I'm not going to")
 
@@ -28,7 +36,7 @@ def rows(name: str) -> list[dict]:
 
 
 def normalise(prompt: str) -> str:
-    return " ".join(re.sub(r"[^a-z0-9 ]", " ", prompt.lower()).split())
+    return " ".join(re.sub(r"[^\w ]", " ", prompt.lower()).split())
 
 
 def heldout_ids(items: list[dict]) -> set[str]:
@@ -69,6 +77,26 @@ def test_ordinary_and_harmful_task_sets_cover_the_same_formats():
     assert all(r["response"].startswith(REFUSAL_OPENINGS) for r in harmful)
     for r in ordinary + harmful:
         assert r["prompt"] == r["prompt"].strip() and r["prompt"].isascii()
+
+
+def test_the_taxonomy_file_fills_every_hazard_category_in_three_forms():
+    """harmful_taxonomy.jsonl: the hazard categories of MLCommons AILuminate plus misinformation and
+    harassment, each with at least 60 requests, 20 in each form, every refusal opening with what
+    the expert's risk reads (refusals.EXPERT_OPENINGS)."""
+    counts = defaultdict(lambda: defaultdict(int))
+    for r in rows("harmful_taxonomy.jsonl"):
+        counts[r["category"]][r["form"]] += 1
+        assert r["response"].startswith(EXPERT_OPENINGS), r["id"]
+    assert set(counts) == set(HAZARD_CATEGORIES)
+    for category, forms in counts.items():
+        assert set(forms) == {"direct", "task", "roleplay"} and min(forms.values()) >= 20, category
+
+
+def test_near_misses_name_their_kind_and_number_a_thousand():
+    kinds = defaultdict(int)
+    for r in rows("nearmiss.jsonl"):
+        kinds[r["category"]] += 1
+    assert set(kinds) == set(NEAR_MISS_KINDS) and sum(kinds.values()) >= 1000
 
 
 def test_no_generated_input_is_in_both_splits():
