@@ -13,8 +13,9 @@ import time
 import pytest
 import torch
 from conftest import chat_tokenizer
-from server_process import ServerProcess
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from ngsd_jax.serving.launch import ServerProcess
 
 LONG = 500  # tokens: long enough (on this pair, about a second) to hold the slot
 

@@ -12,9 +12,9 @@ import numpy as np
 import openai
 import pytest
 from conftest import PROMPTS
-from server_process import ServerProcess
 
 from ngsd_jax import decode
+from ngsd_jax.serving.launch import ServerProcess
 
 MAX_TOKENS = 12
 MODEL = "ngsd-jax"

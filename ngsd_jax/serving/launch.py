@@ -1,5 +1,7 @@
-"""Starting `python -m ngsd_jax.serve` for a test: a free loopback port, a log file, readiness by
-/health, SIGTERM at the end (and --exit-after as a backstop, so no server outlives its test)."""
+"""`python -m ngsd_jax.serve` as a child process, for scripts, notebooks, benchmarks and tests: a
+free loopback port, its stderr in a log file, ready once /health answers ok (every program
+compiled), SIGTERM at the end (the server drains and exits) and --exit-after as a backstop, so
+that no server outlives the process that started it."""
 
 from __future__ import annotations
 
@@ -13,9 +15,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -23,14 +22,16 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, log: Path, *flags, lifetime: float = 900, ready_timeout: float = 300):
+    """The server on 127.0.0.1 with `flags` (serve's own), and small JSON helpers to talk to it."""
+
+    def __init__(self, log: Path, *flags, lifetime: float = 900, ready_timeout: float = 300, cwd: Path | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         command = [sys.executable, "-m", "ngsd_jax.serve", "--host", "127.0.0.1", "--port", str(self.port),
                    "--exit-after", str(lifetime), *map(str, flags)]
         self._log_file = open(log, "w")  # noqa: SIM115  (the server's stderr, closed in stop)
-        self.proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=self._log_file, text=True)
+        self.proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=self._log_file)
         deadline = time.monotonic() + ready_timeout
         while True:
             if self.proc.poll() is not None:
