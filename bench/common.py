@@ -110,21 +110,54 @@ def synthetic_adapter(model, seed: int = 0):
     return extract_adapter(adapted), merge_lora(adapted)
 
 
-# The held-out split of the shipped training data, by set; `harmful` holds both the plain
-# harmful requests and those in everyday task formats.
-SETS = {"harmful": ("harmful.jsonl", "harmful_tasks.jsonl"), "benign": ("benign.jsonl",),
-        "ordinary": ("ordinary.jsonl",)}
+def expert_model(base, expert_path):
+    """The expert as a whole model beside `base`: a checkpoint as it is, an adapter (the shipped
+    default's) merged into a copy of the base (kernel + scale * a @ b)."""
+    from flax import nnx
+
+    from ngsd_jax.checkpoints.adapter import is_adapter, load_adapter
+    from ngsd_jax.checkpoints.weights import load_model
+    from ngsd_jax.models.lora import ATTENTION_PROJECTIONS
+
+    if not is_adapter(expert_path):
+        return load_model(expert_path)
+    adapter = load_adapter(expert_path)
+    merged = nnx.clone(base)
+    for (i, name), (a, b) in adapter.weights.items():
+        layer = merged.layers[i]
+        linear = getattr(layer.attn if name in ATTENTION_PROJECTIONS else layer.mlp, name)
+        kernel = linear.kernel[...]
+        linear.kernel.set_value(kernel + (adapter.scale * (a @ b)).astype(kernel.dtype))
+    return merged
+
+
+def default_expert_path() -> str | None:
+    from ngsd_jax.checkpoints.default_model import default_expert
+
+    found = default_expert()
+    return None if found is None else str(found.path)
+
+
+# The held-out split of the shipped training data, by set: `harmful` holds the plain harmful
+# requests, those in everyday task formats and those over the hazard taxonomy; `benign` the
+# near-misses of both files; `ordinary` the generated everyday instructions and the messy ones.
+SETS = {"harmful": ("harmful.jsonl", "harmful_tasks.jsonl", "harmful_taxonomy.jsonl"),
+        "benign": ("benign.jsonl", "nearmiss.jsonl"), "ordinary": ("ordinary.jsonl", "ordinary_messy.jsonl")}
+
+
+def heldout_rows(name: str, limit: int = 0) -> list[dict]:
+    """The held-out rows of one set (prompt, category...); `limit` > 0 keeps that many evenly
+    spaced ones, so every category and file of the set stays represented."""
+    rows = [json.loads(line) for file in SETS[name] if (DATA_DIR / file).is_file()
+            for line in (DATA_DIR / file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [r for r in rows if r["split"] == "heldout"]
+    if 0 < limit < len(rows):
+        rows = [rows[int(i)] for i in np.linspace(0, len(rows) - 1, limit)]
+    return rows
 
 
 def heldout(name: str, limit: int = 0) -> list[str]:
-    """The held-out prompts of one set; `limit` > 0 keeps that many evenly spaced ones, so every
-    category and file of the set stays represented."""
-    rows = [json.loads(line) for file in SETS[name] if (DATA_DIR / file).is_file()
-            for line in (DATA_DIR / file).read_text(encoding="utf-8").splitlines() if line.strip()]
-    prompts = [r["prompt"] for r in rows if r["split"] == "heldout"]
-    if 0 < limit < len(prompts):
-        prompts = [prompts[int(i)] for i in np.linspace(0, len(prompts) - 1, limit)]
-    return prompts
+    return [r["prompt"] for r in heldout_rows(name, limit)]
 
 
 def harmful_auc(harmful: list[float], other: list[float]) -> float | None:

@@ -39,7 +39,8 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common import SETS, add_pair_arguments, harmful_auc, heldout, load_default_pair, model_flags  # noqa: E402
+from common import (SETS, add_pair_arguments, default_expert_path, expert_model, harmful_auc, heldout,  # noqa: E402
+                    load_default_pair, model_flags)  # noqa: E402
 
 BASE_BATCH = 64  # prompts per decode of the base's answers
 
@@ -140,8 +141,7 @@ def main():
 
     from flax import nnx
 
-    from ngsd_jax.checkpoints.default_model import default_base_path, default_expert_path
-    from ngsd_jax.checkpoints.weights import load_model
+    from ngsd_jax.checkpoints.default_model import default_base_path
     from ngsd_jax.decoding.engine import Engine
     from ngsd_jax.decoding.pair import decode_batch, decode_settings, encode_prompts
     from ngsd_jax.decoding.risk import AlphaMapping, ExpertRisk, alpha_from_risk, opening_token_sequences, opening_trie
@@ -161,7 +161,7 @@ def main():
     base_path = args.base or str(default_base_path())
     expert_path = args.expert or default_expert_path()
     base = nnx.merge(pair.engine.base_graph, pair.engine.base_params)
-    expert = load_model(expert_path)
+    expert = expert_model(base, expert_path)
     vocab = pair.engine.vocab_size
     # The expert's risk as the decode program reads it (--reflect expert), from its own prefill.
     risk_engine = Engine(None, expert, vocab, pair.engine.stop_ids, pad_id=pair.engine.pad_id)

@@ -37,7 +37,8 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common import SETS, add_pair_arguments, harmful_auc, heldout, load_default_pair, model_flags  # noqa: E402
+from common import (SETS, add_pair_arguments, default_expert_path, harmful_auc, heldout_rows,  # noqa: E402
+                    load_default_pair, model_flags)
 
 from ngsd_jax.evaluation.judges import refusal_keywords  # noqa: E402
 
@@ -74,11 +75,13 @@ def main():
     parser.add_argument("--out", help="write every figure (and every answer) to this JSON file")
     args = parser.parse_args()
 
-    from ngsd_jax.checkpoints.default_model import default_base_path, default_expert_path
+    from ngsd_jax.checkpoints.default_model import default_base_path
     from ngsd_jax.decoding.pair import alpha_mapping, decode_batch, decode_settings, reflect_prompts
     from ngsd_jax.decoding.risk import alpha_from_risk
 
-    sets = {name: prompts for name in args.sets if (prompts := heldout(name, args.limit))}
+    rows = {name: heldout_rows(name, args.limit) for name in args.sets}
+    sets = {name: [r["prompt"] for r in rows[name]] for name in args.sets if rows[name]}
+    categories = {name: [r["category"] for r in rows[name]] for name in sets}
     # decode's own options for these flags; each condition then sets its mode and alpha source.
     flags = [*model_flags(args.base, args.expert), "--threshold", str(args.threshold),
              "--alpha-levels", ",".join(map(str, args.alpha_levels)),
@@ -144,8 +147,13 @@ def main():
                 x, y = a["tokens"], b["tokens"]
                 same = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
                 first_diff.append(args.max_new_tokens if x == y else same)
+            refused = [refusal_keywords(p, t) for p, t in zip(prompts, texts)]
+            by_category = {}
+            for category, r in zip(categories[set_name], refused):
+                by_category.setdefault(category, []).append(r)
             stats = {
-                "refused": float(np.mean([refusal_keywords(p, t) for p, t in zip(prompts, texts)])),
+                "refused": float(np.mean(refused)),
+                "refused_by_category": {c: float(np.mean(v)) for c, v in sorted(by_category.items())},
                 "identical": float(np.mean([a["tokens"] == b["tokens"] for a, b in zip(answers,
                                                                                      base_answers[set_name])])),
                 "mean_first_diff": float(np.mean(first_diff)),
@@ -161,6 +169,15 @@ def main():
             print(f"{name:<22} {set_name:<9} {stats['refused']:>8.1%} {stats['identical']:>9.1%} "
                   f"{stats['mean_first_diff']:>8.1f} {stats['with_spike']:>8.1%} {stats['spikes']:>7.2f} "
                   f"{stats['mean_alpha']:>6.2f} {seconds:>5.0f}", flush=True)
+
+    for set_name in sets if report["conditions"] else []:
+        names = list(report["conditions"])
+        print(f"\nrefused by category, {set_name}:\n| category | prompts | " + " | ".join(names) + " |\n|---|---|"
+              + "---|" * len(names))
+        for category in sorted(set(categories[set_name])):
+            shares = [report["conditions"][n][set_name]["refused_by_category"][category] for n in names]
+            print(f"| {category} | {categories[set_name].count(category)} | "
+                  + " | ".join(f"{x:.0%}" for x in shares) + " |")
 
     if args.tv:
         print("TV distance between base and expert along the base's own answers (mode always, alpha 0):")

@@ -1,5 +1,5 @@
-"""Where the project's files live: the decode presets, training recipes and training data shipped
-inside the package (read through importlib.resources, so an installed wheel has them too), and the
+"""Where the project's files live: the decode presets, training recipes, training data and trained
+adapters shipped inside the package (read through importlib.resources, so an installed wheel has them too), and the
 checkpoints directory.
 
 In a source checkout `ngsd_jax/presets`, `ngsd_jax/recipes` and `ngsd_jax/data` are links to the
@@ -23,6 +23,7 @@ def _shipped(folder: str) -> Path:
 
 PRESETS_DIR = _shipped("presets")
 RECIPES_DIR = _shipped("recipes")
+EXPERTS_DIR = _shipped("experts")  # trained adapters shipped with the package
 DATA_DIR = _shipped("data")
 
 

