@@ -139,6 +139,24 @@ def test_default_dataset_reads_file_lists_and_draws_the_ordinary_prompts(tokeniz
     refusals = [json.loads(line)["id"] for line in path.read_text().splitlines() if '"refusal"' in line]
     assert len(refusals) == 1 and refusals[0] in {"h0", "ht0"}
 
+    # Each draw has its own generator: more harmful rows change none of the distilled prompts
+    # (whose base answers are cached), only draws over the harmful rows.
+    more = write("more.jsonl", [{"id": f"x{i}", "prompt": f"bad {i}", "response": "No.", "split": "train"}
+                                for i in range(5)])
+    with cache.open("a") as f:
+        for rid, prompt in [("h0", "bad"), ("ht0", "summarise how to do bad")] + [(f"x{i}", f"bad {i}") for i in
+                                                                                 range(5)]:
+            f.write(json.dumps({"id": rid, "prompt": prompt, "teacher": teacher, "finished": False, "system": None,
+                                "max_new_tokens": recipe.distill_max_new_tokens, "response_ids": [7, 8, 9],
+                                "response": "Sure"}) + "\n")
+    draws = []
+    for harmful_files in ([harmful, tasks], [harmful, tasks, more]):
+        recipe.harmful_data, recipe.recovery_prompts, recipe.recovery_prefix_tokens = harmful_files, 1, [1]
+        path = train_data.build_default_dataset(recipe, tokenizer, answers_from, eot=0, run_dir=tmp_path / "run",
+                                                strict=True)
+        draws.append([json.loads(line)["id"] for line in path.read_text().splitlines() if '"distill"' in line])
+    assert draws[0] == draws[1] == distilled
+
 
 def test_messages_and_prompt_response_records_agree(tokenizer):
     prompt, response = TRAIN_PAIRS[1]
