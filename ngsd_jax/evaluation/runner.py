@@ -126,14 +126,15 @@ def read_samples(path: Path) -> list[dict]:
 
 
 def _run_fingerprint(opts: EvalOptions, conditions, judge_name) -> dict:
-    options = opts.decode
+    settings = dataclasses.asdict(opts.decode)
+    del settings["devices"]["compilation_cache"]  # where compiled programs are kept changes no answer
     return {
         "dataset_sha256": hashlib.sha256(opts.dataset.read_bytes()).hexdigest(),
         "fields": [opts.prompt_field, opts.label_field, opts.harmful_label, opts.prefill_field, opts.prefill_tokens,
                    opts.answer_field, opts.limit],
         "conditions": [c.name for c in conditions],
         "judge": judge_name,
-        "options": json.loads(json.dumps(dataclasses.asdict(options))),  # as run.json reads back (tuples: lists)
+        "options": json.loads(json.dumps(settings)),  # as run.json reads back (tuples: lists)
             }
 
 

@@ -526,3 +526,19 @@ def test_resume_refuses_a_model_retrained_at_the_same_path(chat_pair, chat_adapt
     monkeypatch.setattr(runner, "load_pair", lambda *a, **k: pytest.fail("models loaded"))
     code, _, err = _eval(capsys, *common[:-2], "--max-new-tokens", 3, "--out", out, "--resume")
     assert code == 2 and "other settings" in err, err
+
+
+def test_the_run_fingerprint_is_json_and_ignores_where_programs_are_cached(tmp_path):
+    """run.json holds every decode option but the compilation cache's folder: a resumed run may
+    keep its compiled programs elsewhere."""
+    from pathlib import Path
+
+    from ngsd_jax.decoding.pair import DecodeOptions
+    from ngsd_jax.parallel.memory import DeviceOptions
+
+    data = tmp_path / "d.txt"
+    data.write_text("hi\n")
+    prints = [runner._run_fingerprint(runner.EvalOptions(dataset=data, decode=DecodeOptions(
+        devices=DeviceOptions(compilation_cache=cache))), [], "keywords") for cache in (Path("/a"), None)]
+    assert json.loads(json.dumps(prints[0])) == prints[1]
+    assert "compilation_cache" not in prints[0]["options"]["devices"]
