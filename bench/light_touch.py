@@ -58,9 +58,9 @@ def main():
     parser.add_argument("--alpha", type=float, nargs="*", default=[], help="fixed NGSD alphas (the trade-off)")
     parser.add_argument("--reflect", nargs="*", default=["expert"], choices=["json", "logit", "expert"],
                         help="NGSD with alpha from these self-reflection modes (default: expert)")
-    parser.add_argument("--alpha-levels", type=float, nargs=3, default=(0.1, 0.5, 0.9))
-    parser.add_argument("--risk-thresholds", type=float, nargs=2, default=(5.0, 6.0))
-    parser.add_argument("--threshold", type=float, default=1.0, help="the neuron's threshold theta (paper: 1.0)")
+    parser.add_argument("--alpha-levels", type=float, nargs=3, help="default: decode's (the preset's)")
+    parser.add_argument("--risk-thresholds", type=float, nargs=2, help="default: decode's (the preset's)")
+    parser.add_argument("--threshold", type=float, help="the neuron's threshold theta (default: decode's; paper 1.0)")
     parser.add_argument("--auc", nargs="*", default=[], choices=["json", "logit", "expert"],
                         help="risk sources whose ROC AUC to measure")
     parser.add_argument("--expert-alone", action="store_true", help="also decode with the expert alone")
@@ -83,9 +83,12 @@ def main():
     sets = {name: [r["prompt"] for r in rows[name]] for name in args.sets if rows[name]}
     categories = {name: [r["category"] for r in rows[name]] for name in sets}
     # decode's own options for these flags; each condition then sets its mode and alpha source.
-    flags = [*model_flags(args.base, args.expert), "--threshold", str(args.threshold),
-             "--alpha-levels", ",".join(map(str, args.alpha_levels)),
-             "--risk-thresholds", ",".join(map(str, args.risk_thresholds)),
+    # Only the settings given here override decode's own (the default pair's preset, or the paper's).
+    given = {"--threshold": args.threshold, "--alpha-levels": args.alpha_levels,
+             "--risk-thresholds": args.risk_thresholds}
+    flags = [*model_flags(args.base, args.expert),
+             *[x for flag, value in given.items() if value is not None
+               for x in (flag, ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value))],
              "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size)]
     modes = ["base", "ngsd"] + ["expert"] * args.expert_alone + ["always"] * args.tv
     pair, options = load_default_pair(flags, modes, [p for prompts in sets.values() for p in prompts])
